@@ -1,0 +1,94 @@
+"""GQA testdev-balanced (12,578 questions on 398 images), as lmms-eval's `gqa` task.
+
+Source: `lmms-lab/GQA`, questions from config `testdev_balanced_instructions`, images from config
+`testdev_balanced_images` (joined on `imageId` -> `id`), split `testdev`.
+Prompt: ``{question}\\nAnswer the question using a single word or phrase.``; max_new_tokens 16, greedy.
+Score: lmms-eval `exact_match` with ignore_case + ignore_punctuation: lower-case both sides, delete every
+`string.punctuation` character, compare for equality (no article or number-word handling; we also strip
+surrounding whitespace from the decoded output). The family is the question's structural type
+(verify / query / choose / logical / compare).
+"""
+
+from __future__ import annotations
+
+import string
+from collections import defaultdict
+
+from vtc.benchmarks import Benchmark, register_benchmark
+from vtc.benchmarks._loading import dumps, image_value, load_source, pct, to_common, undecode_images
+
+QUESTIONS_CONFIG = "testdev_balanced_instructions"
+IMAGES_CONFIG = "testdev_balanced_images"
+POST_PROMPT = "\nAnswer the question using a single word or phrase."
+_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+
+
+def _load(source: str, split: str, revision: str | None):
+    questions = load_source(source, split, revision, QUESTIONS_CONFIG)
+    images = undecode_images(load_source(source, split, revision, IMAGES_CONFIG))
+    where = {image_id: i for i, image_id in enumerate(images["id"])}
+
+    def convert(row: dict, index: int) -> dict:
+        if row["imageId"] not in where:
+            raise KeyError(f"GQA question {row['id']}: image {row['imageId']!r} missing from {IMAGES_CONFIG}")
+        types = row.get("types") or {}
+        groups = row.get("groups") or {}
+        return {
+            "id": str(row["id"]),
+            "image_id": str(row["imageId"]),
+            "image": image_value(images[where[row["imageId"]]]["image"]),
+            "question": row["question"],
+            "answers": [row["answer"]],
+            "family": types.get("structural") or "",
+            "meta": dumps(
+                {
+                    "full_answer": row.get("fullAnswer"),
+                    "types": types,
+                    "groups": groups,
+                }
+            ),
+        }
+
+    return to_common(questions, convert, desc="gqa")
+
+
+def prompt(row: dict) -> str:
+    return row["question"] + POST_PROMPT
+
+
+def normalize(text: str) -> str:
+    """lmms-eval's exact_match normalisation with ignore_case and ignore_punctuation."""
+    return text.strip().lower().translate(_PUNCT_TABLE)
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalize(prediction) == answer.lower().translate(_PUNCT_TABLE)
+
+
+def score(records: list[dict]) -> dict[str, float]:
+    by_family: dict[str, list[bool]] = defaultdict(list)
+    for record in records:
+        by_family[record["family"]].append(is_correct(record["prediction"], record["answers"][0]))
+    hits = [h for family in by_family.values() for h in family]
+    metrics = {"accuracy": pct(sum(hits), len(hits))}
+    metrics |= {f"accuracy/{family}": pct(sum(h), len(h)) for family, h in sorted(by_family.items())}
+    return metrics
+
+
+GQA = register_benchmark(
+    Benchmark(
+        name="gqa",
+        # lmms-eval now reads lmms-lab-encoder/GQA (moved 2026-07-30, PR #1416); override in the config.
+        default_source="lmms-lab/GQA",
+        default_split="testdev",
+        load=_load,
+        prompt=prompt,
+        score=score,
+        max_new_tokens=16,
+        notes=(
+            "GQA testdev-balanced as lmms-eval `gqa`: exact match after lower-casing and deleting punctuation "
+            "(not the official GQA eval.py used by LLaVA's scripts). Families = structural question types."
+        ),
+        options={"configs": [QUESTIONS_CONFIG, IMAGES_CONFIG]},
+    )
+)

@@ -1,0 +1,118 @@
+"""Visual-token reduction methods, registered by name.
+
+A method is a pure function, in one file of this package (or of a user's module), decorated with
+`@register_method("name")`:
+
+    def method(tokens: VisualTokens, budget: int, **hparams) -> Reduced
+
+It sees the whole batch of cached encoder outputs and returns, per image, the `budget` vectors the
+language model will see, in the order it will see them, and which input patches each came from.
+Hyperparameters come from `config.yaml` (`methods: {name: {hparam: value}}`) as keyword arguments.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """Encoder outputs of a batch of B images with N = H × W patches (row-major), as cached by `encode`.
+
+    projected:      [B, N, D] visual tokens after the projector, what the LLM would see without reduction.
+    features:       [B, N, C] vision-tower features of the feature layer that `projected` comes from.
+    cls_attention:  [B, heads, N] attention of the CLS query to each patch in the feature layer.
+    keys:           [B, N, C] attention keys of the feature layer (heads concatenated).
+    seeds:          [B] int64, one seed per image (derived from the run seed and the image id), so
+                    that stochastic methods give the same result whatever the batch composition.
+    grid:           (H, W) patch grid.
+    """
+
+    projected: torch.Tensor
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+    seeds: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def num_patches(self) -> int:
+        return self.projected.shape[1]
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """What the LLM sees for a batch: k vectors per image.
+
+    tokens:   [B, k, D] in the order they are fed to the LLM.
+    sources:  [B, k, N] bool, sources[b, i, j] is True when output token i covers input patch j.
+    """
+
+    tokens: torch.Tensor
+    sources: torch.Tensor
+
+    def __post_init__(self):
+        if self.tokens.shape[:2] != self.sources.shape[:2]:
+            raise ValueError(
+                f"tokens {tuple(self.tokens.shape)} and sources {tuple(self.sources.shape)} disagree on [B, k]"
+            )
+
+
+class Method(Protocol):
+    def __call__(self, tokens: VisualTokens, budget: int, **hparams) -> Reduced: ...
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def decorator(fn: Method) -> Method:
+        if name in _REGISTRY and _REGISTRY[name] is not fn:
+            raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_method(name: str) -> Method:
+    _import_builtin_methods()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method {name!r}; registered methods: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def available_methods() -> list[str]:
+    _import_builtin_methods()
+    return sorted(_REGISTRY)
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Imports user modules (dotted names or .py paths) so their `@register_method` calls run."""
+    for module in modules:
+        if module.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"vtc_plugin_{abs(hash(module))}", module)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot import method plugin file {module!r}")
+            spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        else:
+            importlib.import_module(module)
+
+
+def _import_builtin_methods() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def selection(tokens: VisualTokens, keep: torch.Tensor) -> Reduced:
+    """Reduced sequence made of the kept patches themselves. keep: [B, k] patch indices, in feed order."""
+    batch = torch.arange(keep.shape[0])[:, None]
+    sources = torch.zeros(*keep.shape, tokens.num_patches, dtype=torch.bool)
+    sources[batch, torch.arange(keep.shape[1])[None, :], keep] = True
+    return Reduced(tokens=tokens.projected[batch, keep], sources=sources)

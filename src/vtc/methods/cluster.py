@@ -1,0 +1,175 @@
+"""`cluster`: k-means on the visual tokens, each cluster fed to the LLM as the mean of its members.
+
+The cluster-and-aggregate reduction studied in arXiv 2504.17892, with k = budget. There is no official code for
+it with LLaVA-1.5 (reference notes §2.9); the knobs follow that section: clustering space (projector output or
+vision features), metric (L2 or cosine), initialisation (k-means++ or the `spatial` grid), iterations, and
+clusters fed in order of their members' mean spatial position. Deliberate choices of ours: the fed vector is
+always the plain mean of the members' projected tokens, whatever space the clustering ran in; cosine k-means
+is spherical k-means (unit vectors, re-normalised centroids), i.e. L2 k-means on the sphere.
+
+The Lloyd iterations run on the whole batch at once; every per-image step depends on that image only, so an
+image gets the same clusters whatever batch it is in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vtc.methods import Reduced, VisualTokens, register_method
+from vtc.methods.grid import check_budget, check_grid, grid_indices
+
+SPACES = ("projected", "features")
+INITS = ("kmeans++", "grid")
+DISTANCES = ("l2", "cosine")
+
+
+@register_method("cluster")
+def cluster(
+    tokens: VisualTokens,
+    budget: int,
+    *,
+    space: str = "projected",
+    iters: int = 10,
+    init: str = "kmeans++",
+    distance: str = "l2",
+) -> Reduced:
+    """k-means with k = budget; each cluster becomes the mean of its members' projected tokens.
+
+    space: "projected" ([B, N, D]) or "features" ([B, N, C]), the vectors clustered.
+    iters: Lloyd iterations (assign, then update), at most; stops early once no assignment changes.
+    init: "kmeans++", seeded per image from `tokens.seeds[b]`, or "grid", the patches `spatial` keeps.
+    distance: "l2" or "cosine".
+
+    Clusters are never empty (see `_fill_empty`) and partition the patches. They are fed in increasing mean
+    row-major index of their members, ties going to the cluster with the lower first member.
+
+    Returns: tokens [B, budget, D], sources [B, budget, N] (each patch in exactly one cluster).
+    """
+    num_patches = tokens.num_patches
+    check_budget(budget, num_patches)
+    for name, value, choices in (("space", space, SPACES), ("init", init, INITS), ("distance", distance, DISTANCES)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
+
+    points = (tokens.projected if space == "projected" else tokens.features).float()
+    if distance == "cosine":
+        points = F.normalize(points, dim=-1)
+    if init == "grid":
+        check_grid(tokens.grid, num_patches)
+        centroids = points[:, grid_indices(budget, tokens.grid).to(points.device)]
+    else:
+        centroids = _kmeans_plus_plus(points, budget, tokens.seeds)
+
+    assignment = None
+    for _ in range(iters):
+        distances = torch.cdist(points, centroids)
+        new = _fill_empty(distances.argmin(dim=-1), distances, budget)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        centroids = _cluster_means(points, assignment, budget)
+        if distance == "cosine":
+            centroids = F.normalize(centroids, dim=-1)
+
+    merged = _cluster_means(tokens.projected.float(), assignment, budget).to(tokens.projected.dtype)
+    members = F.one_hot(assignment, budget).transpose(1, 2).bool()
+    order = _spatial_order(members)
+    return Reduced(
+        tokens=merged.gather(1, order[..., None].expand_as(merged)),
+        sources=members.gather(1, order[..., None].expand_as(members)),
+    )
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007): [B, N, C] points → [B, k, C] distinct initial centroids.
+
+    Each image's random draws come from its own generator, drawn up front, so that the seeding loop over k can
+    run on the whole batch while staying independent of the batch's composition.
+    """
+    batch_size, num_patches, _ = points.shape
+    batch = torch.arange(batch_size, device=points.device)
+    uniforms = torch.stack(
+        [torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds.tolist()]
+    ).to(points.device)
+
+    first = (uniforms[:, 0] * num_patches).long().clamp(max=num_patches - 1)
+    chosen_indices = [first]
+    chosen = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=points.device)
+    chosen[batch, first] = True
+    squared_norms = points.square().sum(dim=-1)
+    nearest = _squared_distance_to(points, squared_norms, first)
+    for step in range(1, k):
+        # Inverse-CDF sampling with probability ∝ squared distance to the nearest chosen centroid. Chosen points
+        # get weight 0 explicitly, so that rounding cannot pick one twice.
+        weights = nearest.double().masked_fill(chosen, 0)
+        cumulative = weights.cumsum(dim=-1)
+        target = uniforms[:, step] * cumulative[:, -1]
+        drawn = torch.searchsorted(cumulative, target[:, None], right=True).squeeze(1).clamp(max=num_patches - 1)
+        # All weights 0 (the rest duplicates chosen points) or rounding past the end: take the first unchosen
+        # point, so the k centroids are k distinct points and k = N gives every point its own cluster.
+        first_unchosen = (~chosen).int().argmax(dim=-1)
+        drawn = torch.where(weights[batch, drawn] > 0, drawn, first_unchosen)
+        chosen_indices.append(drawn)
+        chosen[batch, drawn] = True
+        nearest = torch.minimum(nearest, _squared_distance_to(points, squared_norms, drawn))
+    return points[batch[:, None], torch.stack(chosen_indices, dim=1)]
+
+
+def _squared_distance_to(points: torch.Tensor, squared_norms: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, N] squared distances from every point to point index[b] of its own image.
+
+    |x|² + |c|² − 2 x·c with the norms computed once: `cdist` would copy all points on each of the k calls.
+    """
+    batch = torch.arange(points.shape[0], device=points.device)
+    dots = torch.bmm(points, points[batch, index][:, :, None]).squeeze(-1)
+    return (squared_norms + squared_norms[batch, index][:, None] - 2 * dots).clamp_min(0)
+
+
+def _fill_empty(assignment: torch.Tensor, distances: torch.Tensor, k: int) -> torch.Tensor:
+    """Moves points into empty clusters: [B, N] assignment, [B, N, k] distances → [B, N] with no empty cluster.
+
+    As in scikit-learn's k-means, an empty cluster takes the point farthest from its own centroid, here among
+    points whose cluster keeps at least one other member (so no cluster is emptied in turn; one always exists,
+    since k <= N). One empty cluster per image per round, lowest cluster id first, ties to the lower point
+    index: deterministic. The loop runs as many rounds as the most empty clusters of any image, usually none.
+    """
+    counts = torch.zeros(assignment.shape[0], k, dtype=torch.long, device=assignment.device)
+    counts.scatter_add_(1, assignment, torch.ones_like(assignment))
+    if not (counts == 0).any():
+        return assignment
+    assignment = assignment.clone()
+    spread = distances.gather(2, assignment[..., None]).squeeze(-1)
+    while True:
+        empty = counts == 0
+        needy = empty.any(dim=-1).nonzero().squeeze(-1)
+        if needy.numel() == 0:
+            return assignment
+        target = empty[needy].int().argmax(dim=-1)
+        movable = counts[needy].gather(1, assignment[needy]) > 1
+        moved = spread[needy].masked_fill(~movable, -1).argmax(dim=-1)
+        counts[needy, assignment[needy, moved]] -= 1
+        counts[needy, target] += 1
+        assignment[needy, moved] = target
+
+
+def _cluster_means(points: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N, C] points, [B, N] cluster ids in [0, k), every cluster non-empty → [B, k, C] member means."""
+    batch_size, _, channels = points.shape
+    sums = points.new_zeros(batch_size, k, channels)
+    sums.scatter_add_(1, assignment[..., None].expand_as(points), points)
+    counts = points.new_zeros(batch_size, k).scatter_add_(1, assignment, torch.ones_like(points[..., 0]))
+    return sums / counts[..., None]
+
+
+def _spatial_order(members: torch.Tensor) -> torch.Tensor:
+    """[B, k, N] bool partition → [B, k] cluster order by mean member index, then by first member index."""
+    num_patches = members.shape[-1]
+    index = torch.arange(num_patches, device=members.device)
+    first = torch.where(members, index, num_patches).amin(dim=-1)
+    # float64: means of different member sets can differ by less than float32 resolves (about 1 / N³ relative).
+    mean = (members.double() * index.double()).sum(dim=-1) / members.sum(dim=-1)
+    by_first = first.argsort(dim=-1)
+    return by_first.gather(1, mean.gather(1, by_first).argsort(dim=-1, stable=True))

@@ -1,0 +1,166 @@
+"""LLaVA through `transformers`: load, encode images once, and generate from reduced visual tokens.
+
+The pipeline splits `LlavaForConditionalGeneration` at the point where visual-token reduction acts:
+
+- `encode` runs the vision tower and projector (`LlavaModel.get_image_features`) and also captures,
+  from the feature layer, the CLS→patch attention and the attention keys that reduction methods use.
+- `generate` never runs the vision tower: it embeds the prompt, replaces the single `<image>`
+  placeholder by the k reduced vectors (no padding back to 576), and calls `model.generate` with
+  `inputs_embeds`. With all 576 tokens this is exactly what `generate(pixel_values=...)` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_model(
+    path: str,
+    revision: str | None = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+):
+    """Model and processor from a hub id or a local directory, ready for inference."""
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    model = LlavaForConditionalGeneration.from_pretrained(
+        path,
+        revision=revision,
+        dtype=DTYPES[dtype],
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+    )
+    processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return model.to(resolve_device(device)).eval(), processor
+
+
+def feature_layer_index(model: LlavaForConditionalGeneration) -> int:
+    """Index of the encoder layer whose output LLaVA feeds the projector (-2 → the penultimate)."""
+    layer = model.config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise NotImplementedError("several vision feature layers (LLaVA-NeXT style) are not supported yet")
+    num_layers = model.config.vision_config.num_hidden_layers
+    # hidden_states[0] is the embedding output, so hidden_states[h] is the output of layer h - 1.
+    return (num_layers + 1 + layer if layer < 0 else layer) - 1
+
+
+@dataclass
+class Encoded:
+    """Per-image encoder outputs for a batch of B images with N patches.
+
+    projected [B, N, D], features [B, N, C], cls_attention [B, heads, N], keys [B, N, C].
+    """
+
+    projected: torch.Tensor
+    features: torch.Tensor
+    cls_attention: torch.Tensor
+    keys: torch.Tensor
+
+
+@torch.no_grad()
+def encode(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> Encoded:
+    """Runs the vision tower and projector once, capturing what reduction methods need.
+
+    The CLS→patch attention is recomputed from the feature layer's queries and keys, softmax(q·kᵀ/√d_h),
+    which is what eager attention returns, so the tower can keep a fused kernel (SDPA, FlashAttention)
+    that returns no weights.
+    """
+    tower = model.model.vision_tower
+    # transformers 5 may hand the CLIP transformer directly, older versions wrap it in `vision_model`.
+    encoder = getattr(tower, "vision_model", tower).encoder
+    layer = encoder.layers[feature_layer_index(model)].self_attn
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        layer.q_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("q", out)),
+        layer.k_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("k", out)),
+    ]
+    try:
+        output = model.model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    projected = torch.stack(list(output.pooler_output))
+    features = output.hidden_states[model.config.vision_feature_layer]
+    strip_cls = model.config.vision_feature_select_strategy == "default"
+    batch, length, width = captured["k"].shape
+    heads = layer.num_heads
+    q = captured["q"][:, 0].float().view(batch, heads, 1, width // heads)
+    k = captured["k"].float().view(batch, length, heads, width // heads).transpose(1, 2)
+    attention = (q @ k.transpose(-1, -2) * layer.scale).softmax(dim=-1)[:, :, 0]  # [B, heads, length]
+    return Encoded(
+        projected=projected,
+        features=features[:, 1:] if strip_cls else features,
+        cls_attention=attention[:, :, 1:] if strip_cls else attention,
+        keys=captured["k"][:, 1:] if strip_cls else captured["k"],
+    )
+
+
+def user_turn(processor, text: str) -> str:
+    """The prompt string for one image and one question, through the model's own chat template."""
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+def splice_visual_tokens(
+    model: LlavaForConditionalGeneration,
+    tokenizer,
+    prompts: list[str],
+    visual_tokens: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `inputs_embeds` [B, L, D] and `attention_mask` [B, L] for a batch of prompts.
+
+    Each prompt holds one `<image>` placeholder, replaced by that sample's visual tokens [k_b, D]; k may
+    differ across samples.
+    """
+    image_token_id = model.config.image_token_id
+    embed = model.get_input_embeddings()
+    sequences = []
+    for prompt, visual in zip(prompts, visual_tokens):
+        ids = torch.tensor(tokenizer(prompt, add_special_tokens=True)["input_ids"], device=model.device)
+        where = (ids == image_token_id).nonzero().flatten().tolist()
+        if len(where) != 1:
+            raise ValueError(f"expected exactly one image placeholder in the prompt, found {len(where)}: {prompt!r}")
+        text = embed(ids)
+        visual = visual.to(text.device, text.dtype)
+        sequences.append(torch.cat([text[: where[0]], visual, text[where[0] + 1 :]]))
+    length = max(len(s) for s in sequences)
+    width = sequences[0].shape[-1]
+    inputs_embeds = sequences[0].new_zeros(len(sequences), length, width)
+    attention_mask = torch.zeros(len(sequences), length, dtype=torch.long, device=model.device)
+    for row, sequence in enumerate(sequences):
+        inputs_embeds[row, length - len(sequence) :] = sequence
+        attention_mask[row, length - len(sequence) :] = 1
+    return inputs_embeds, attention_mask
+
+
+@torch.no_grad()
+def generate(
+    model: LlavaForConditionalGeneration,
+    processor,
+    prompts: list[str],
+    visual_tokens: list[torch.Tensor],
+    max_new_tokens: int,
+) -> list[str]:
+    """Greedy answers for a batch: prompts with reduced visual tokens spliced in."""
+    inputs_embeds, attention_mask = splice_visual_tokens(model, processor.tokenizer, prompts, visual_tokens)
+    generated = model.generate(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    return [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]

@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from vtc.methods import VisualTokens
+
+torch.set_num_threads(1)
+
+
+def _make_tokens(
+    batch_size: int = 2,
+    grid: tuple[int, int] = (4, 4),
+    dim: int = 8,
+    *,
+    projected: torch.Tensor | None = None,
+    cls_attention: torch.Tensor | None = None,
+    seeds: list[int] | None = None,
+    heads: int = 2,
+    channels: int = 6,
+    generator_seed: int = 0,
+) -> VisualTokens:
+    """Random VisualTokens on a grid; any of projected / cls_attention / seeds can be given instead."""
+    g = torch.Generator().manual_seed(generator_seed)
+    if projected is not None:
+        batch_size, _, dim = projected.shape
+    num_patches = grid[0] * grid[1]
+    if projected is None:
+        projected = torch.randn(batch_size, num_patches, dim, generator=g)
+    if cls_attention is None:
+        cls_attention = torch.rand(batch_size, heads, num_patches, generator=g).softmax(dim=-1)
+    return VisualTokens(
+        projected=projected,
+        features=torch.randn(batch_size, num_patches, channels, generator=g),
+        cls_attention=cls_attention,
+        keys=torch.randn(batch_size, num_patches, channels, generator=g),
+        seeds=torch.tensor(seeds if seeds is not None else [1000 + b for b in range(batch_size)]),
+        grid=grid,
+    )
+
+
+@pytest.fixture
+def make_tokens():
+    """Builds a VisualTokens batch: `make_tokens(batch_size, grid, dim, projected=..., cls_attention=..., seeds=...)`."""
+    return _make_tokens
+
+
+def _one_image(tokens: VisualTokens, b: int) -> VisualTokens:
+    batched = ("projected", "features", "cls_attention", "keys", "seeds")
+    return dataclasses.replace(tokens, **{name: getattr(tokens, name)[b : b + 1] for name in batched})
+
+
+@pytest.fixture
+def one_image():
+    """Image b of a batch alone, as a batch of one: `one_image(tokens, b)`."""
+    return _one_image

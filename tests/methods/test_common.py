@@ -1,0 +1,65 @@
+"""Contract every base method keeps: registration, budget checks, shapes, sources, batch independence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vtc.methods import available_methods, get_method
+
+BASE_METHODS = ["full", "random", "spatial", "pool", "cls_attention", "cluster"]
+REDUCING = [name for name in BASE_METHODS if name != "full"]
+GRID = (6, 6)
+N = 36
+
+
+def test_registry_lists_the_base_methods():
+    assert set(BASE_METHODS) <= set(available_methods())
+    for name in BASE_METHODS:
+        assert callable(get_method(name))
+
+
+@pytest.mark.parametrize("name", REDUCING)
+@pytest.mark.parametrize("budget", [0, -1, N + 1])
+def test_budget_out_of_range_is_rejected(make_tokens, name, budget):
+    with pytest.raises(ValueError, match=rf"N = {N}\b.*budget = {budget}$"):
+        get_method(name)(make_tokens(2, GRID), budget)
+
+
+@pytest.mark.parametrize("name", REDUCING)
+@pytest.mark.parametrize("budget", [1, 4, 9, 18, N])
+def test_shapes_and_sources_agree_with_tokens(make_tokens, name, budget):
+    tokens = make_tokens(3, GRID, 5)
+    reduced = get_method(name)(tokens, budget)
+    assert reduced.tokens.shape == (3, budget, 5)
+    assert reduced.sources.shape == (3, budget, N)
+    assert reduced.sources.dtype == torch.bool
+    counts = reduced.sources.sum(dim=-1)
+    assert (counts >= 1).all()
+    # Selections, pools and clusters alike feed the plain mean of the patches they cover.
+    means = reduced.sources.float() @ tokens.projected / counts[..., None]
+    torch.testing.assert_close(reduced.tokens, means)
+
+
+def test_full_shapes(make_tokens):
+    tokens = make_tokens(3, GRID, 5)
+    reduced = get_method("full")(tokens, N)
+    assert reduced.tokens.shape == (3, N, 5)
+    assert reduced.sources.shape == (3, N, N)
+
+
+@pytest.mark.parametrize("name", BASE_METHODS)
+@pytest.mark.parametrize("budget", [4, 18])
+def test_batch_gives_each_image_its_own_result(make_tokens, one_image, name, budget):
+    tokens = make_tokens(3, GRID, 5, seeds=[7, 8, 7])
+    batched = get_method(name)(tokens, budget)
+    for b in range(3):
+        alone = get_method(name)(one_image(tokens, b), budget)
+        assert torch.equal(batched.sources[b], alone.sources[0])
+        torch.testing.assert_close(batched.tokens[b], alone.tokens[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", BASE_METHODS)
+def test_unknown_hyperparameter_is_rejected(make_tokens, name):
+    with pytest.raises(TypeError):
+        get_method(name)(make_tokens(1, GRID), 4, no_such_hparam=1)

@@ -1,0 +1,145 @@
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+from snakemake.utils import validate
+
+# The workflow always uses this checkout's library, whatever environment a job runs in.
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+
+from vtc.benchmarks import available_benchmarks
+from vtc.methods import available_methods, import_plugins
+
+SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def check_schema(config):
+    """Stops on the first config error, naming the key and what is allowed."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for error in errors:
+            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+            lines.append(f"  config key '{key}': {error.message}")
+        raise ValueError("invalid configuration:\n" + "\n".join(lines))
+
+
+def check_names(config):
+    import_plugins(config.get("plugins", []))
+    methods, benchmarks = available_methods(), available_benchmarks()
+    for method in config["methods"]:
+        if method not in methods:
+            raise ValueError(f"config key 'methods.{method}': unknown method; registered: {', '.join(methods)}")
+    for name, dataset in config["datasets"].items():
+        if dataset["benchmark"] not in benchmarks:
+            raise ValueError(
+                f"config key 'datasets.{name}.benchmark': unknown benchmark {dataset['benchmark']!r}; "
+                f"registered: {', '.join(benchmarks)}"
+            )
+    for name, model in config["models"].items():
+        for budget in config["budgets"]:
+            if budget > model["num_visual_tokens"]:
+                raise ValueError(
+                    f"config key 'budgets': {budget} is above the {model['num_visual_tokens']} visual tokens "
+                    f"of model {name!r} (models.{name}.num_visual_tokens)"
+                )
+
+
+check_schema(config)
+validate(config, schema=SCHEMA)  # fills in the schema's defaults
+check_names(config)
+
+MODELS = list(config["models"])
+DATASETS = list(config["datasets"])
+METHODS = list(config["methods"])
+
+
+wildcard_constraints:
+    model="|".join(MODELS),
+    dataset="|".join(DATASETS),
+    method="|".join(METHODS),
+    budget=r"\d+",
+    split="train|validation|test",
+
+
+def budgets_for(method, model):
+    """`full` runs once, at the model's token count; every other method at each configured budget."""
+    if method == "full":
+        return [config["models"][model]["num_visual_tokens"]]
+    return config["budgets"]
+
+
+def get_metrics_files():
+    return [
+        f"results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json"
+        for model in MODELS
+        for dataset in DATASETS
+        for method in METHODS
+        for budget in budgets_for(method, model)
+    ]
+
+
+def get_final_outputs():
+    return [
+        "results/tables/results.parquet",
+        "results/tables/results.csv",
+        "results/tables/results.md",
+        "results/plots/accuracy_vs_tokens.png",
+    ]
+
+
+def get_dataset_input(wildcards):
+    """The generated testbed for `shapes`; hub datasets are fetched by the job itself."""
+    dataset = config["datasets"][wildcards.dataset]
+    if dataset["benchmark"] == "shapes" and dataset["source"] == "resources/shapes":
+        return [f"resources/shapes/{dataset['split']}.parquet"]
+    return []
+
+
+def get_model_files(wildcards):
+    """Local model directories are inputs, so that a retrained model re-encodes; hub ids are not files."""
+    path = Path(config["models"][wildcards.model]["path"])
+    return [str(path / "config.json"), str(path / "model.safetensors")] if path.is_dir() else []
+
+
+def get_method_hparams(wildcards):
+    return config["methods"][wildcards.method] or {}
+
+
+def wandb_settings(wildcards=None):
+    return {**config["wandb"], "group": config["experiment"], "dir": "results/wandb"}
+
+
+def gpus(wildcards):
+    return config["models"][wildcards.model]["gpus"]
+
+
+def run_info(wildcards):
+    return {
+        "experiment": config["experiment"],
+        "model": wildcards.model,
+        "dataset": wildcards.dataset,
+        "method": wildcards.method,
+        "budget": int(wildcards.budget),
+        "seed": config["seed"],
+        "hparams": get_method_hparams(wildcards),
+    }
+
+
+def get_model_config(wildcards):
+    return config["models"][wildcards.model]
+
+
+def get_dataset_config(wildcards):
+    return config["datasets"][wildcards.dataset]
+
+
+def get_benchmark_name(wildcards):
+    return config["datasets"][wildcards.dataset]["benchmark"]
+
+
+def get_shapes_split_size(wildcards):
+    return config["shapes"][wildcards.split]

@@ -1,0 +1,36 @@
+rule generate_shapes:
+    output:
+        "resources/shapes/{split}.parquet",
+    log:
+        "logs/generate_shapes/{split}.log",
+    params:
+        size=get_shapes_split_size,
+        seed=config["shapes"]["seed"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/generate_shapes.py"
+
+
+rule prepare_dataset:
+    input:
+        get_dataset_input,
+    output:
+        "resources/datasets/{dataset}.parquet",
+    log:
+        "logs/prepare_dataset/{dataset}.log",
+    params:
+        dataset=get_dataset_config,
+        seed=config["seed"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=120,
+    conda:
+        "../../envs/data.yaml"
+    script:
+        "../scripts/prepare_dataset.py"

@@ -1,0 +1,21 @@
+rule reduce:
+    input:
+        "results/encode/{model}/{dataset}",
+    output:
+        directory("results/reduce/{model}/{dataset}/{method}/{budget}"),
+    log:
+        "logs/reduce/{model}/{dataset}/{method}/{budget}.log",
+    params:
+        model=get_model_config,
+        hparams=get_method_hparams,
+        seed=config["seed"],
+        plugins=config["plugins"],
+        settings=config["reduce"],
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    conda:
+        "../../envs/torch.yaml"
+    script:
+        "../scripts/reduce.py"

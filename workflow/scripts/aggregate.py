@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+sys.stderr = open(snakemake.log[0], "w")
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+
+from vtc.pipeline.aggregate import aggregate
+
+table = aggregate(
+    metrics_files=[Path(p) for p in snakemake.input],
+    out_parquet=Path(snakemake.output.parquet),
+    out_csv=Path(snakemake.output.csv),
+    out_markdown=Path(snakemake.output.markdown),
+    out_plot=Path(snakemake.output.plot),
+    wandb_settings=snakemake.params.wandb,
+)
+print(f"{len(table)} rows", file=sys.stderr)

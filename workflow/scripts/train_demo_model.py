@@ -1,0 +1,25 @@
+import json
+import sys
+from pathlib import Path
+
+sys.stderr = open(snakemake.log[0], "w")
+sys.stdout = sys.stderr
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+
+import torch
+
+from vtc.train import train
+
+torch.set_num_threads(snakemake.threads)
+settings = snakemake.params.settings
+report = train(
+    data_dir=Path(snakemake.input.train).parent,
+    out_dir=Path(snakemake.output.model).parent,
+    steps=settings["steps"],
+    batch_size=settings["batch_size"],
+    lr=settings["lr"],
+    seed=settings["seed"],
+    eval_every=settings["eval_every"],
+    eval_samples=settings["eval_samples"],
+)
+print(json.dumps(report["test_accuracy"]))
