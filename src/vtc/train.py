@@ -30,6 +30,26 @@ from vtc.models.tiny import build_model, build_processor
 PATCH_CLASSES = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
 
 
+def alignment_loss(tokens: torch.Tensor, embeddings: torch.Tensor, metas: list[str], word_ids: dict) -> torch.Tensor:
+    """Pulls each object patch's projected token towards the LLM embeddings of its colour and shape words.
+
+    Like LLaVA's first (feature alignment) stage: visual tokens land where the words that describe them
+    live. tokens: [B, N, D]; embeddings: [V, D].
+    """
+    logits = tokens @ embeddings.T  # [B, N, V]
+    picked, colours, kinds = [], [], []
+    for b, meta in enumerate(metas):
+        for obj in json.loads(meta)["objects"]:
+            for patch in obj["patches"]:
+                picked.append((b, patch))
+                colours.append(word_ids[obj["color"]])
+                kinds.append(word_ids[obj["shape"]])
+    rows = torch.tensor(picked)
+    selected = logits[rows[:, 0], rows[:, 1]]
+    cross_entropy = torch.nn.functional.cross_entropy
+    return 0.5 * (cross_entropy(selected, torch.tensor(colours)) + cross_entropy(selected, torch.tensor(kinds)))
+
+
 def patch_labels(meta: str) -> torch.Tensor:
     """Per-patch class: 0 for background, else 1 + colour index × #shapes + shape index. Shape [576]."""
     labels = torch.zeros(shapes.GRID**2, dtype=torch.long)
@@ -39,26 +59,43 @@ def patch_labels(meta: str) -> torch.Tensor:
     return labels
 
 
-def _conversation(question: str, answer: str | None = None) -> list[dict]:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+def _conversation(questions: list[str], answers: list[str] | None = None) -> list[dict]:
+    """One image, then one or more question/answer turns (LLaVA's multi-turn training format)."""
+    messages = []
+    for turn, question in enumerate(questions):
+        content = [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": ([{"type": "image"}] if turn == 0 else []) + content})
+        if answers is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[turn]}]})
     return messages
 
 
-def training_batch(processor, rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Right-padded batch whose labels cover only the answer and the end-of-sequence token."""
-    prompts = [processor.apply_chat_template(_conversation(r["question"]), add_generation_prompt=True) for r in rows]
-    full = [processor.apply_chat_template(_conversation(r["question"], r["answers"][0])) for r in rows]
-    batch = processor(
-        images=[r["image"] for r in rows], text=full, return_tensors="pt", padding=True, padding_side="right"
-    )
-    prompt_lengths = [len(ids) for ids in processor(images=[r["image"] for r in rows], text=prompts)["input_ids"]]
-    labels = torch.full_like(batch["input_ids"], -100)
-    for i, start in enumerate(prompt_lengths):
-        end = int(batch["attention_mask"][i].sum())
-        labels[i, start:end] = batch["input_ids"][i, start:end]
-    batch["labels"] = labels
+def answer_mask(input_ids: torch.Tensor, assistant_ids: list[int], eos_id: int) -> torch.Tensor:
+    """True on the tokens after each "ASSISTANT:" up to and including the next end-of-sequence token."""
+    mask = torch.zeros_like(input_ids, dtype=torch.bool)
+    width = len(assistant_ids)
+    for row, ids in enumerate(input_ids.tolist()):
+        inside = False
+        for position in range(len(ids)):
+            if inside:
+                mask[row, position] = True
+                inside = ids[position] != eos_id
+            elif ids[position - width + 1 : position + 1] == assistant_ids:
+                inside = True
+    return mask
+
+
+def training_batch(processor, images: list, turns: list[list[tuple[str, str]]]) -> dict[str, torch.Tensor]:
+    """Right-padded multi-turn batch whose labels cover only the answers and their end tokens."""
+    texts = []
+    for image_turns in turns:
+        questions, answers = zip(*image_turns)
+        texts.append(processor.apply_chat_template(_conversation(list(questions), list(answers))))
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
+    tokenizer = processor.tokenizer
+    assistant_ids = tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
+    mask = answer_mask(batch["input_ids"], assistant_ids, tokenizer.eos_token_id) & batch["attention_mask"].bool()
+    batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
     return batch
 
 
@@ -68,7 +105,7 @@ def evaluate_accuracy(model, processor, rows: list[dict], batch_size: int = 64) 
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        prompts = [processor.apply_chat_template(_conversation(r["question"]), add_generation_prompt=True) for r in chunk]
+        prompts = [processor.apply_chat_template(_conversation([r["question"]]), add_generation_prompt=True) for r in chunk]
         batch = processor(
             images=[r["image"] for r in chunk], text=prompts, return_tensors="pt", padding=True, padding_side="left"
         )
@@ -109,11 +146,16 @@ def train(
     rng = random.Random(seed)
     splits = {split: read_common_parquet(data_dir / f"{split}.parquet") for split in ("train", "validation", "test")}
     columns = ["image", "question", "answers", "family"]
-    train_rows = splits["train"].select_columns(columns + ["meta"])
+    train = splits["train"].select_columns(["image_id", "question", "answers", "meta"])
+    rows_of_image: dict[str, list[int]] = defaultdict(list)
+    for index, image_id in enumerate(train["image_id"]):
+        rows_of_image[image_id].append(index)
+    images = list(rows_of_image)
     validation_rows = list(splits["validation"].select_columns(columns))[:eval_samples]
     processor = build_processor()
     model = build_model(processor, seed=seed)
     model.train()
+    word_ids = {word: processor.tokenizer.convert_tokens_to_ids(word) for word in (*shapes.COLORS, *shapes.SHAPES)}
     patch_head = torch.nn.Linear(model.config.text_config.hidden_size, PATCH_CLASSES)
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.update(tokens=out))
@@ -123,27 +165,36 @@ def train(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
     )
-    order: list[int] = []
+    order: list[str] = []
     history = []
     started = time.time()
     progress = tqdm(range(1, steps + 1), desc="train", mininterval=10)
     for step in progress:
         if len(order) < batch_size:
-            order += rng.sample(range(len(train_rows)), len(train_rows))
-        indices, order = order[:batch_size], order[batch_size:]
-        rows = train_rows.select(indices)
-        loss = model(**training_batch(processor, rows)).loss
-        targets = torch.stack([patch_labels(meta) for meta in rows["meta"]])
-        patch_loss = torch.nn.functional.cross_entropy(patch_head(projected["tokens"]).flatten(0, 1), targets.flatten())
-        (loss + patch_loss).backward()
+            order += rng.sample(images, len(images))
+        chosen, order = order[:batch_size], order[batch_size:]
+        turns, metas, pictures = [], [], []
+        for image_id in chosen:
+            rows = train.select(rows_of_image[image_id])
+            pairs = [(q, a[0]) for q, a in zip(rows["question"], rows["answers"])]
+            turns.append(rng.sample(pairs, len(pairs)))
+            metas.append(rows[0]["meta"])
+            pictures.append(splits["train"][rows_of_image[image_id][0]]["image"])
+        loss = model(**training_batch(processor, pictures, turns)).loss
+        tokens = projected["tokens"]
+        patch_loss = torch.nn.functional.cross_entropy(
+            patch_head(tokens).flatten(0, 1), torch.stack([patch_labels(m) for m in metas]).flatten()
+        )
+        align_loss = alignment_loss(tokens, model.get_input_embeddings().weight, metas, word_ids)
+        (loss + patch_loss + align_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}", patch_loss=f"{patch_loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", patch=f"{patch_loss.item():.3f}", align=f"{align_loss.item():.3f}")
         if step % eval_every == 0 or step == steps:
             scores = evaluate_accuracy(model, processor, validation_rows)
-            history.append({"step": step, "loss": loss.item(), "patch_loss": patch_loss.item(), "minutes": (time.time() - started) / 60, **scores})
+            history.append({"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores})
             print(json.dumps(history[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -156,7 +207,7 @@ def train(
         "seed": seed,
         "train_minutes": (time.time() - started) / 60,
         "test_accuracy": evaluate_accuracy(model, processor, test_rows),
-        "test_majority_baseline": majority_baseline(list(train_rows.select_columns(["answers", "family"])), test_rows),
+        "test_majority_baseline": majority_baseline(list(splits["train"].select_columns(["answers", "family"])), test_rows),
         "history": history,
     }
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))

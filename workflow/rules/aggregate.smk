@@ -22,13 +22,13 @@ rule aggregate:
         ),
     log:
         "logs/aggregate.log",
-    params:
-        wandb=wandb_settings(),
+    conda:
+        "../../envs/aggregate.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
-    conda:
-        "../../envs/aggregate.yaml"
+    params:
+        wandb=wandb_settings(),
     script:
         "../scripts/aggregate.py"

@@ -3,15 +3,15 @@ rule generate_shapes:
         "resources/shapes/{split}.parquet",
     log:
         "logs/generate_shapes/{split}.log",
-    params:
-        size=get_shapes_split_size,
-        seed=config["shapes"]["seed"],
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
-    conda:
-        "../../envs/data.yaml"
+    params:
+        size=get_shapes_split_size,
+        seed=config["shapes"]["seed"],
     script:
         "../scripts/generate_shapes.py"
 
@@ -23,14 +23,14 @@ rule prepare_dataset:
         "resources/datasets/{dataset}.parquet",
     log:
         "logs/prepare_dataset/{dataset}.log",
-    params:
-        dataset=get_dataset_config,
-        seed=config["seed"],
+    conda:
+        "../../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=120,
-    conda:
-        "../../envs/data.yaml"
+    params:
+        dataset=get_dataset_config,
+        seed=config["seed"],
     script:
         "../scripts/prepare_dataset.py"

@@ -6,15 +6,15 @@ rule encode:
         directory("results/encode/{model}/{dataset}"),
     log:
         "logs/encode/{model}/{dataset}.log",
-    params:
-        model=get_model_config,
-        settings=config["encode"],
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=16000,
         runtime=240,
         gpu=gpus,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        model=get_model_config,
+        settings=config["encode"],
     script:
         "../scripts/encode.py"

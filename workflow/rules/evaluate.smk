@@ -8,18 +8,18 @@ rule evaluate:
         metrics="results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json",
     log:
         "logs/evaluate/{model}/{dataset}/{method}/{budget}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=gpus,
     params:
         model=get_model_config,
         benchmark=get_benchmark_name,
         settings=config["evaluate"],
         run_info=run_info,
         wandb=wandb_settings,
-    threads: 2
-    resources:
-        mem_mb=16000,
-        runtime=240,
-        gpu=gpus,
-    conda:
-        "../../envs/torch.yaml"
     script:
         "../scripts/evaluate.py"

@@ -10,13 +10,13 @@ rule train_demo_model:
         report="results/demo_model/training_report.json",
     log:
         "logs/train_demo_model.log",
-    params:
-        settings=config["demo_model"],
+    conda:
+        "../../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=8000,
         runtime=240,
-    conda:
-        "../../envs/torch.yaml"
+    params:
+        settings=config["demo_model"],
     script:
         "../scripts/train_demo_model.py"

@@ -5,7 +5,7 @@ re-orderings of a question (same image, options rotated); `index % 1_000_000` na
 The family is `category` (`L2-category` is kept in meta).
 
 Prompt (lmms-eval `mmbench_doc_to_text`): ``{hint} {question} Options:\\nA. ...\\nB. ...`` (the hint and its
-space are left out when the hint is missing / "nan"; options that are missing / "nan" are left out), then
+space are left out when the hint is missing / NaN / "nan"; options that are empty / NaN / "nan" are left out), then
 ``\\nAnswer with the option's letter from the given choices directly.``. lmms-eval generates up to 1024
 new tokens; we cap at 128 as LLaVA's own MMBench script does (LLaVA-1.5 answers with a letter; the cap only
 bounds batched decoding when a row rambles; 1024 is kept in `options["lmms_eval_max_new_tokens"]`). lmms-eval
@@ -38,13 +38,9 @@ CIRCULAR_OFFSET = 1_000_000
 _SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 
 
-def _present(value) -> bool:
-    if value is None:
-        return False
-    if isinstance(value, float):  # pandas NaN
-        return value == value
-    text = str(value)
-    return text.strip() != "" and text != "nan"
+def _missing(value) -> bool:
+    """None / NaN / the string "nan", as lmms-eval's `pd.notna(x) and x != "nan"` tests."""
+    return value is None or (isinstance(value, float) and value != value) or str(value) == "nan"
 
 
 def _load(source: str, split: str, revision: str | None):
@@ -52,7 +48,8 @@ def _load(source: str, split: str, revision: str | None):
 
     def convert(row: dict, index: int) -> dict:
         image = image_value(row["image"])
-        options = {k: str(row[k]) for k in OPTION_LETTERS if k in row and _present(row[k])}
+        # lmms-eval drops falsy options ("" included) and NaN / "nan" ones
+        options = {k: str(row[k]) for k in OPTION_LETTERS if k in row and row[k] and not _missing(row[k])}
         hint = row.get("hint")
         return {
             "id": str(row["index"]),
@@ -65,7 +62,7 @@ def _load(source: str, split: str, revision: str | None):
                 {
                     "index": int(row["index"]),
                     "options": options,
-                    "hint": str(hint) if _present(hint) else None,
+                    "hint": None if _missing(hint) else str(hint),
                     "l2_category": row.get("L2-category"),
                     "source": row.get("source"),
                     "split": row.get("split"),
@@ -80,7 +77,7 @@ def prompt(row: dict) -> str:
     meta = meta_of(row)
     options = "Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(meta["options"].items()))
     body = f"{row['question']} {options}"
-    if meta.get("hint"):
+    if meta.get("hint") is not None:  # an empty hint still adds its space, as in lmms-eval
         body = f"{meta['hint']} {body}"
     return body + POST_PROMPT
 

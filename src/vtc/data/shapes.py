@@ -157,7 +157,7 @@ def _ask_existence(objects, rng):
 
 
 def _ask_counting(objects, rng):
-    """Reassigns shapes so the count is uniform over 1..MAX_COUNT rather than skewed towards 1."""
+    """Reassigns shapes (in place) so the count is uniform over 1..MAX_COUNT rather than skewed to 1."""
     shape = rng.choice(SHAPES)
     count = rng.randint(1, min(MAX_COUNT, len(objects)))
     others = [s for s in SHAPES if s != shape]
@@ -210,43 +210,43 @@ def _png_bytes(image: Image.Image) -> bytes:
 
 
 def generate_split(num_samples: int, seed: int, split: str) -> list[dict]:
-    """Samples of one split, families in rotation so each is a quarter of the split.
+    """`num_samples` questions of one split, up to one per family about each image.
 
-    Each sample is one image and one question; images are never shared across splits because every
-    split draws from its own seeded stream.
+    Several questions share an image (as in GQA or VQAv2), so `image_id` differs from `id`. Images are
+    never shared across splits because every split draws from its own seeded stream.
     """
     rng = random.Random(f"shapes/{split}/{seed}")
     np_rng = np.random.default_rng(rng.getrandbits(32))
     samples: list[dict] = []
+    image_index = 0
     while len(samples) < num_samples:
-        family = FAMILIES[len(samples) % len(FAMILIES)]
         objects = _place_objects(rng)
-        asked = _ASKERS[family](objects, rng)
-        if asked is None:
-            continue
-        question, answer, refs = asked
-        image = render(objects, rng, np_rng)
+        # Counting goes first: it may change shapes, and the other questions must see the final scene.
+        asked = {family: _ASKERS[family](objects, rng) for family in ("counting", "attribute", "existence", "relation")}
+        image = {"bytes": _png_bytes(render(objects, rng, np_rng)), "path": None}
         patches = [object_patches(o) for o in objects]
-        referenced = sorted({p for o, ps in zip(objects, patches) if any(o is r for r in refs) for p in ps})
-        samples.append(
-            {
-                "id": f"shapes-{split}-{len(samples):06d}",
-                "image_id": f"shapes-{split}-{len(samples):06d}",
-                "image": {"bytes": _png_bytes(image), "path": None},
-                "question": question,
-                "answers": [answer],
-                "family": family,
-                "meta": json.dumps(
-                    {
-                        "objects": [
-                            {"shape": o.shape, "color": o.color, "bbox": [round(v, 2) for v in o.bbox], "patches": ps}
-                            for o, ps in zip(objects, patches)
-                        ],
-                        "target_patches": referenced,
-                    }
-                ),
-            }
-        )
+        scene = [
+            {"shape": o.shape, "color": o.color, "bbox": [round(v, 2) for v in o.bbox], "patches": ps}
+            for o, ps in zip(objects, patches)
+        ]
+        image_id = f"shapes-{split}-{image_index:06d}"
+        for family in FAMILIES:
+            if asked[family] is None or len(samples) == num_samples:
+                continue
+            question, answer, refs = asked[family]
+            referenced = sorted({p for o, ps in zip(objects, patches) if any(o is r for r in refs) for p in ps})
+            samples.append(
+                {
+                    "id": f"{image_id}-{family}",
+                    "image_id": image_id,
+                    "image": image,
+                    "question": question,
+                    "answers": [answer],
+                    "family": family,
+                    "meta": json.dumps({"objects": scene, "target_patches": referenced}),
+                }
+            )
+        image_index += 1
     return samples
 
 

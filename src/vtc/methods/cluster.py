@@ -3,9 +3,15 @@
 The cluster-and-aggregate reduction studied in arXiv 2504.17892, with k = budget. There is no official code for
 it with LLaVA-1.5 (reference notes §2.9); the knobs follow that section: clustering space (projector output or
 vision features), metric (L2 or cosine), initialisation (k-means++ or the `spatial` grid), iterations, and
-clusters fed in order of their members' mean spatial position. Deliberate choices of ours: the fed vector is
-always the plain mean of the members' projected tokens, whatever space the clustering ran in; cosine k-means
-is spherical k-means (unit vectors, re-normalised centroids), i.e. L2 k-means on the sphere.
+clusters fed in order of their members' mean spatial position, and how members are aggregated. Deliberate
+choices of ours: the fed vector is an average of the members' projected tokens, whatever space the clustering
+ran in; cosine k-means is spherical k-means (unit vectors, re-normalised centroids), i.e. L2 k-means on the sphere.
+
+Aggregation (`aggregate`): "mean", the plain mean of the members; "attention_weighted", members weighted by
+their head-averaged CLS attention (as PruMerge weights what it merges, but normalised), so salient patches
+dominate their cluster's token. The clustering itself is unweighted either way. A "size_weighted" choice
+(ToMe's weighting by how many patches each token already stands for) is not offered: every input token here is
+one patch, so it would equal "mean".
 
 The Lloyd iterations run on the whole batch at once; every per-image step depends on that image only, so an
 image gets the same clusters whatever batch it is in.
@@ -22,6 +28,7 @@ from vtc.methods.grid import check_budget, check_grid, grid_indices
 SPACES = ("projected", "features")
 INITS = ("kmeans++", "grid")
 DISTANCES = ("l2", "cosine")
+AGGREGATES = ("mean", "attention_weighted")
 
 
 @register_method("cluster")
@@ -33,13 +40,15 @@ def cluster(
     iters: int = 10,
     init: str = "kmeans++",
     distance: str = "l2",
+    aggregate: str = "mean",
 ) -> Reduced:
-    """k-means with k = budget; each cluster becomes the mean of its members' projected tokens.
+    """k-means with k = budget; each cluster becomes an average of its members' projected tokens.
 
     space: "projected" ([B, N, D]) or "features" ([B, N, C]), the vectors clustered.
     iters: Lloyd iterations (assign, then update), at most; stops early once no assignment changes.
     init: "kmeans++", seeded per image from `tokens.seeds[b]`, or "grid", the patches `spatial` keeps.
     distance: "l2" or "cosine".
+    aggregate: "mean" or "attention_weighted" (see the module docstring).
 
     Clusters are never empty (see `_fill_empty`) and partition the patches. They are fed in increasing mean
     row-major index of their members, ties going to the cluster with the lower first member.
@@ -48,7 +57,12 @@ def cluster(
     """
     num_patches = tokens.num_patches
     check_budget(budget, num_patches)
-    for name, value, choices in (("space", space, SPACES), ("init", init, INITS), ("distance", distance, DISTANCES)):
+    for name, value, choices in (
+        ("space", space, SPACES),
+        ("init", init, INITS),
+        ("distance", distance, DISTANCES),
+        ("aggregate", aggregate, AGGREGATES),
+    ):
         if value not in choices:
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     if iters < 1:
@@ -74,8 +88,17 @@ def cluster(
         if distance == "cosine":
             centroids = F.normalize(centroids, dim=-1)
 
-    merged = _cluster_means(tokens.projected.float(), assignment, budget).to(tokens.projected.dtype)
-    members = F.one_hot(assignment, budget).transpose(1, 2).bool()
+    return clusters_in_spatial_order(tokens, assignment, budget, aggregate)
+
+
+def clusters_in_spatial_order(tokens: VisualTokens, assignment: torch.Tensor, k: int, aggregate: str) -> Reduced:
+    """[B, N] cluster ids in [0, k), every cluster non-empty → one aggregated token per cluster, spatial order."""
+    if aggregate == "mean":
+        merged = _cluster_means(tokens.projected.float(), assignment, k)
+    else:
+        merged = _attention_weighted_means(tokens, assignment, k)
+    merged = merged.to(tokens.projected.dtype)
+    members = F.one_hot(assignment, k).transpose(1, 2).bool()
     order = _spatial_order(members)
     return Reduced(
         tokens=merged.gather(1, order[..., None].expand_as(merged)),
@@ -162,6 +185,20 @@ def _cluster_means(points: torch.Tensor, assignment: torch.Tensor, k: int) -> to
     sums.scatter_add_(1, assignment[..., None].expand_as(points), points)
     counts = points.new_zeros(batch_size, k).scatter_add_(1, assignment, torch.ones_like(points[..., 0]))
     return sums / counts[..., None]
+
+
+def _attention_weighted_means(tokens: VisualTokens, assignment: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, N] cluster ids → [B, k, D] members' projected tokens averaged with weights ∝ head-mean CLS attention.
+
+    A cluster whose members all have zero attention gets their plain mean instead of 0 / 0.
+    """
+    weights = tokens.cls_attention.float().mean(dim=1)  # [B, N]
+    projected = tokens.projected.float()
+    sums = projected.new_zeros(projected.shape[0], k, projected.shape[2])
+    sums.scatter_add_(1, assignment[..., None].expand_as(projected), projected * weights[..., None])
+    totals = weights.new_zeros(weights.shape[0], k).scatter_add_(1, assignment, weights)
+    weighted = sums / totals.clamp(min=torch.finfo(totals.dtype).tiny)[..., None]
+    return torch.where((totals > 0)[..., None], weighted, _cluster_means(projected, assignment, k))
 
 
 def _spatial_order(members: torch.Tensor) -> torch.Tensor:

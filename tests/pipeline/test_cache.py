@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+from vtc.cache import CacheMismatch, Store, StoreWriter, pack_bool, unpack_bool
+from vtc.pipeline.encode import encode_dataset, expected_encode_key
+from vtc.pipeline.prepare import prepare_dataset
+from vtc.pipeline.reduce import reduce_dataset
+
+
+def test_pack_roundtrip():
+    mask = torch.rand(3, 5, 576) > 0.7
+    assert torch.equal(unpack_bool(pack_bool(mask), 576), mask)
+
+
+def test_store_without_manifest_is_incomplete(tmp_path):
+    writer = StoreWriter(tmp_path / "store", {"a": 1})
+    writer.add(["x"], {"t": torch.zeros(1, 2)})
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        Store.open(tmp_path / "store")
+    writer.close()
+    assert Store.open(tmp_path / "store", {"a": 1}).image_ids == ["x"]
+
+
+def test_mismatching_key_names_what_differs(tmp_path):
+    StoreWriter(tmp_path / "s", {"model": "m", "dtype": "float16"}).close()
+    with pytest.raises(CacheMismatch, match="differs in: dtype"):
+        Store.open(tmp_path / "s", {"model": "m", "dtype": "float32"})
+
+
+@pytest.fixture
+def encoded(tiny_model_dir, shapes_dir, tmp_path):
+    model_cfg = {"path": str(tiny_model_dir), "revision": None, "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
+    dataset = tmp_path / "shapes.parquet"
+    prepare_dataset("shapes", str(shapes_dir), "test", None, None, 0, dataset)
+    manifest = encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=4, shard_size=5)
+    return model_cfg, manifest, tmp_path
+
+
+def test_encoder_runs_once_per_image(encoded):
+    _, manifest, _ = encoded
+    assert manifest["vision_tower_images"] == manifest["num_images"] == len(set(Store.open(encoded[2] / "encode").image_ids))
+    assert [len(s["image_ids"]) for s in manifest["shards"]][0] == 5
+
+
+def test_encode_key_covers_model_dtype_and_preprocessing(encoded):
+    model_cfg, _, tmp_path = encoded
+    assert Store.open(tmp_path / "encode", expected_encode_key(model_cfg))
+    with pytest.raises(CacheMismatch, match="dtype"):
+        Store.open(tmp_path / "encode", expected_encode_key({**model_cfg, "dtype": "bfloat16"}))
+    key = expected_encode_key(model_cfg)
+    key["image_processor"]["crop_size"] = {"height": 336, "width": 336}
+    with pytest.raises(CacheMismatch, match="image_processor"):
+        reduce_dataset(tmp_path / "encode", key, "random", 8, {}, 0, tmp_path / "r")
+
+
+def test_reduce_writes_k_tokens_and_sources(encoded):
+    model_cfg, _, tmp_path = encoded
+    manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "pool", 64, {}, 0, tmp_path / "r")
+    assert manifest["num_tokens"] == [64]
+    _, tensors = next(Store.open(tmp_path / "r").shards())
+    sources = unpack_bool(tensors["sources"], 576)
+    assert tensors["tokens"].shape[1:] == (64, 128) and sources.shape[1:] == (64, 576)
+    assert sources.sum(dim=(1, 2)).tolist() == [576] * len(sources)  # 3×3 windows partition the grid
+    json.dumps(manifest)

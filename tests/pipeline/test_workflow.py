@@ -1,0 +1,114 @@
+"""The Snakemake workflow: config validation, lint, and (slow) an end-to-end run with its rerun behaviour."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_API_KEY": ""}
+    return subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--cores", "2", *args],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+
+
+def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["models"] = {"tiny": {"path": str(model_dir), "dtype": "float32", "device": "cpu"}}
+    config["shapes"] = {"test": 24}
+    config["methods"] = {"full": {}, "random": {}, "pool": {}, "cluster": {"iters": 3}}
+    config["budgets"] = [64, 16]
+    config["wandb"] = {"mode": "offline"}
+    config.update(overrides)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"methods": {"full": {}, "tome_typo": {}}}, "config key 'methods.tome_typo': unknown method; registered: "),
+        ({"budgets": [64, 700]}, "config key 'budgets': 700 is above the 576 visual tokens of model 'tiny'"),
+        ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
+        ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
+        ({"datasets": {"shapes": {"benchmark": "gqa2", "source": "x", "split": "test"}}}, "'datasets.shapes.benchmark': unknown benchmark 'gqa2'"),
+        ({"datasets": {"shapes": {"benchmark": "shapes", "split": "test"}}}, "config key 'datasets.shapes': 'source' is a required property"),
+    ],
+)
+def test_bad_config_stops_before_any_job_and_names_the_key(tmp_path, tiny_model_dir, overrides, message):
+    write_config(tmp_path, tiny_model_dir, **overrides)
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not (tmp_path / "resources").exists()
+
+
+def test_lint_and_format_are_clean():
+    lint = subprocess.run([str(SNAKEMAKE), "--lint"], cwd=REPO, capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    assert "Lints for" not in lint.stdout + lint.stderr
+    snakefmt = Path(sys.executable).parent / "snakefmt"
+    files = [REPO / "Snakefile", *sorted((REPO / "workflow" / "rules").glob("*.smk"))]
+    check = subprocess.run([str(snakefmt), "--check", *map(str, files)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+def offline_runs(workdir: Path) -> list[dict]:
+    wandb = Path(sys.executable).parent / "wandb"
+    runs = []
+    for run_dir in sorted((workdir / "results" / "wandb" / "wandb").glob("offline-run-*")):
+        out = subprocess.run([str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)], capture_output=True, text=True)
+        runs.append(json.loads(out.stdout))
+    return runs
+
+
+@pytest.mark.slow
+def test_study_end_to_end_then_reruns_only_what_changed(tmp_path, tiny_model_dir):
+    write_config(tmp_path, tiny_model_dir)
+    result = snakemake(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    table = pl.read_parquet(tmp_path / "results/tables/results.parquet")
+    assert set(table.columns) >= {"dataset", "method", "budget", "metric", "value", "n", "relative_to_full"}
+    accuracy = table.filter(pl.col("metric") == "accuracy")
+    assert sorted(accuracy.select("method", "budget").rows()) == sorted(
+        [("full", 576)] + [(m, b) for m in ("cluster", "pool", "random") for b in (64, 16)]
+    )
+    assert accuracy.filter(pl.col("method") == "full")["relative_to_full"].to_list() == [1.0]
+    assert (tmp_path / "results/plots/accuracy_vs_tokens.png").stat().st_size > 1000
+    assert "| pool |" in (tmp_path / "results/tables/results.md").read_text()
+
+    # The encoder ran once, on every image; no evaluate job ran it again.
+    manifest = json.loads((tmp_path / "results/encode/tiny/shapes/manifest.json").read_text())
+    assert manifest["vision_tower_images"] == manifest["num_images"] > 0
+    for metrics in (tmp_path / "results/evaluate").rglob("metrics.json"):
+        result = json.loads(metrics.read_text())
+        assert result["vision_tower_calls"] == 0
+        assert result["num_visual_tokens"] == [result["budget"]]
+    assert len(list((tmp_path / "logs/encode").rglob("*.log"))) == 1
+
+    runs = offline_runs(tmp_path)
+    evaluate_runs = [r for r in runs if r["name"].startswith("tiny/shapes/")]
+    assert len(evaluate_runs) == 7 and all(r["state"] == "finished" for r in runs)
+    full = next(r for r in evaluate_runs if r["name"] == "tiny/shapes/full/576")
+    assert full["config"]["method"] == "full" and "version/transformers" in full["config"]
+    assert full["summary"]["accuracy"] == accuracy.filter(pl.col("method") == "full")["value"][0]
+    assert any(r["name"] == "results" and "results" in r["summary"] for r in runs)
+
+    assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
+
+    (tmp_path / "results/evaluate/tiny/shapes/random/16/metrics.json").unlink()
+    plan = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
+    assert "evaluate" in plan and "aggregate" in plan
+    assert "encode" not in plan and "reduce" not in plan and "prepare_dataset" not in plan
