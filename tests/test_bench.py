@@ -87,7 +87,11 @@ def test_random_7b_config_has_the_llava_15_7b_shape():
 
 
 def test_method_specs_carry_hyperparameters():
-    assert bench.parse_method("cluster:iters=3:init=grid") == ("cluster:iters=3:init=grid", "cluster", {"iters": 3, "init": "grid"})
+    assert bench.parse_method("cluster:iters=3:init=grid") == (
+        "cluster:iters=3:init=grid",
+        "cluster",
+        {"iters": 3, "init": "grid"},
+    )
     assert bench.parse_method("random") == ("random", "random", {})
     with pytest.raises(ValueError):
         bench.parse_method("cluster:iters")

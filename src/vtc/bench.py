@@ -172,7 +172,9 @@ def setup(args) -> Setup:
     device = llava.resolve_device(args.device)
     images, image_ids, question = sample_batch(args.batch_size, args.seed)
     if args.model:
-        model, processor = llava.load_model(args.model, dtype=args.dtype, device=str(device), attn_implementation=args.attn)
+        model, processor = llava.load_model(
+            args.model, dtype=args.dtype, device=str(device), attn_implementation=args.attn
+        )
         source = args.model
         # The pipeline's prompt (chat template, tokenised as `splice_visual_tokens` does), one per row.
         prompt = llava.user_turn(processor, question)
@@ -362,7 +364,7 @@ def run_once(s: Setup, method, budget: int, hparams: dict, new_tokens: int) -> d
 
 
 def parse_method(spec: str) -> tuple[str, str, dict]:
-    """"cluster:iters=3:init=grid" → (label, "cluster", {"iters": 3, "init": "grid"})."""
+    """Parses "cluster:iters=3:init=grid" into (label, "cluster", {"iters": 3, "init": "grid"})."""
     name, *pairs = spec.split(":")
     hparams = {}
     for pair in pairs:
@@ -400,9 +402,7 @@ def machine(device: torch.device) -> dict:
     try:
         with open("/proc/cpuinfo") as f:
             cpuinfo = f.read()
-        fields = dict(
-            line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line
-        )
+        fields = dict(line.split(":", 1) for line in cpuinfo.split("\n\n")[0].splitlines() if ":" in line)
         fields = {k.strip(): v.strip() for k, v in fields.items()}
         info["cpu_model"] = fields.get("model name")
         info["cpu_family_model_stepping"] = "/".join(fields.get(k, "?") for k in ("cpu family", "model", "stepping"))
@@ -421,7 +421,9 @@ def machine(device: torch.device) -> dict:
         )
         try:
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader", f"--id={props.pci_bus_id}"]
-            info["gpu_driver"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip() or None
+            info["gpu_driver"] = (
+                subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip() or None
+            )
         except (OSError, subprocess.SubprocessError, AttributeError):
             info["gpu_driver"] = None
     return info

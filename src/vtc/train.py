@@ -31,23 +31,22 @@ PATCH_CLASSES = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
 
 
 def alignment_loss(tokens: torch.Tensor, embeddings: torch.Tensor, metas: list[str], word_ids: dict) -> torch.Tensor:
-    """Pulls each object patch's projected token towards the LLM embeddings of its colour and shape words.
+    """Pulls each object patch's projected token towards the LLM embeddings of the words that name it.
 
     Like LLaVA's first (feature alignment) stage: visual tokens land where the words that describe them
     live. tokens: [B, N, D]; embeddings: [V, D].
     """
     logits = tokens @ embeddings.T  # [B, N, V]
-    picked, colours, kinds = [], [], []
+    picked, targets = [], []
     for b, meta in enumerate(metas):
         for obj in json.loads(meta)["objects"]:
+            names = [word_ids[obj["color"]], word_ids[obj["shape"]], word_ids[shapes.PLURALS[obj["shape"]]]]
             for patch in obj["patches"]:
                 picked.append((b, patch))
-                colours.append(word_ids[obj["color"]])
-                kinds.append(word_ids[obj["shape"]])
-    rows = torch.tensor(picked)
-    selected = logits[rows[:, 0], rows[:, 1]]
-    cross_entropy = torch.nn.functional.cross_entropy
-    return 0.5 * (cross_entropy(selected, torch.tensor(colours)) + cross_entropy(selected, torch.tensor(kinds)))
+                targets.append(names)
+    rows, targets = torch.tensor(picked), torch.tensor(targets)
+    log_probs = logits[rows[:, 0], rows[:, 1]].log_softmax(dim=-1)
+    return -log_probs.gather(1, targets).mean()
 
 
 def patch_labels(meta: str) -> torch.Tensor:
@@ -155,7 +154,8 @@ def train(
     processor = build_processor()
     model = build_model(processor, seed=seed)
     model.train()
-    word_ids = {word: processor.tokenizer.convert_tokens_to_ids(word) for word in (*shapes.COLORS, *shapes.SHAPES)}
+    names = (*shapes.COLORS, *shapes.SHAPES, *shapes.PLURALS.values())
+    word_ids = {word: processor.tokenizer.convert_tokens_to_ids(word) for word in names}
     patch_head = torch.nn.Linear(model.config.text_config.hidden_size, PATCH_CLASSES)
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.update(tokens=out))

@@ -139,3 +139,30 @@ def test_equal_mean_positions_go_by_first_member(make_tokens):
 def test_bad_hyperparameters_are_rejected(make_tokens, hparams, message):
     with pytest.raises(ValueError, match=message):
         cluster(make_tokens(1, (2, 2)), 2, **hparams)
+
+
+def test_attention_weighted_aggregate_weights_members_by_cls_attention(make_tokens):
+    tokens = blob_tokens(make_tokens, seeds=[0])
+    # Head means: patch 0 gets 0.5, every other patch 0.1 (two heads disagreeing on the split).
+    attention = torch.full((1, 2, 12), 0.1)
+    attention[0, :, 0] = torch.tensor([0.8, 0.2])
+    tokens = dataclasses.replace(tokens, cls_attention=attention)
+    reduced = cluster(tokens, 3, aggregate="attention_weighted")
+    assert members(reduced) == BLOBS
+    p = tokens.projected[0]
+    # Blob 0 = {0, 1, 4, 11}: weights 0.5, 0.1, 0.1, 0.1 over a total of 0.8; the others are plain means.
+    first = (0.5 * p[0] + 0.1 * (p[1] + p[4] + p[11])) / 0.8
+    expected = torch.stack([first, p[BLOBS[1]].mean(dim=0), p[BLOBS[2]].mean(dim=0)])
+    torch.testing.assert_close(reduced.tokens[0], expected)
+
+
+def test_attention_weighted_falls_back_to_the_mean_without_attention(make_tokens):
+    tokens = blob_tokens(make_tokens, seeds=[0])
+    tokens = dataclasses.replace(tokens, cls_attention=torch.zeros(1, 2, 12))
+    weighted = cluster(tokens, 3, aggregate="attention_weighted")
+    torch.testing.assert_close(weighted.tokens, cluster(tokens, 3).tokens)
+
+
+def test_unknown_aggregate_is_rejected(make_tokens):
+    with pytest.raises(ValueError, match="aggregate"):
+        cluster(make_tokens(1, (2, 2)), 2, aggregate="size_weighted")

@@ -9,6 +9,8 @@ from vtc.methods import available_methods, get_method
 
 BASE_METHODS = ["full", "random", "spatial", "pool", "cls_attention", "cluster"]
 REDUCING = [name for name in BASE_METHODS if name != "full"]
+# Methods that merge by weighted sums (PruMerge) or seed + mean (VisionZip): their tokens are not source means.
+ZOO = ["prumerge", "prumerge_plus", "visionzip", "divprune", "cluster_agglomerative"]
 GRID = (6, 6)
 N = 36
 
@@ -17,6 +19,10 @@ def test_registry_lists_the_base_methods():
     assert set(BASE_METHODS) <= set(available_methods())
     for name in BASE_METHODS:
         assert callable(get_method(name))
+
+
+def test_registry_lists_the_method_zoo():
+    assert set(ZOO) <= set(available_methods())
 
 
 @pytest.mark.parametrize("name", REDUCING)
@@ -61,5 +67,45 @@ def test_batch_gives_each_image_its_own_result(make_tokens, one_image, name, bud
 
 @pytest.mark.parametrize("name", BASE_METHODS)
 def test_unknown_hyperparameter_is_rejected(make_tokens, name):
+    with pytest.raises(TypeError):
+        get_method(name)(make_tokens(1, GRID), 4, no_such_hparam=1)
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("budget", [0, -1, N + 1])
+def test_zoo_budget_out_of_range_is_rejected(make_tokens, name, budget):
+    with pytest.raises(ValueError, match=rf"N = {N}\b.*budget = {budget}$"):
+        get_method(name)(make_tokens(2, GRID), budget)
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("budget", [1, 4, 9, 18, N])
+def test_zoo_shapes_and_sources(make_tokens, name, budget):
+    tokens = make_tokens(3, GRID, 5)
+    reduced = get_method(name)(tokens, budget)
+    assert reduced.tokens.shape == (3, budget, 5)
+    assert reduced.tokens.dtype == tokens.projected.dtype
+    assert reduced.sources.shape == (3, budget, N)
+    assert reduced.sources.dtype == torch.bool
+    assert (reduced.sources.sum(dim=-1) >= 1).all()
+    # Merging methods account for each patch: kept, merged into a kept token, or summarised. (VisionZip's
+    # default split has no contextual token below a budget of 4, see `default_contextual`.)
+    if name != "divprune" and not (name == "visionzip" and budget < 4):
+        assert reduced.sources.any(dim=1).all()
+
+
+@pytest.mark.parametrize("name", ZOO)
+@pytest.mark.parametrize("budget", [4, 18])
+def test_zoo_batch_gives_each_image_its_own_result(make_tokens, one_image, name, budget):
+    tokens = make_tokens(3, GRID, 5, seeds=[7, 8, 7])
+    batched = get_method(name)(tokens, budget)
+    for b in range(3):
+        alone = get_method(name)(one_image(tokens, b), budget)
+        assert torch.equal(batched.sources[b], alone.sources[0])
+        torch.testing.assert_close(batched.tokens[b], alone.tokens[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_unknown_hyperparameter_is_rejected(make_tokens, name):
     with pytest.raises(TypeError):
         get_method(name)(make_tokens(1, GRID), 4, no_such_hparam=1)

@@ -102,9 +102,7 @@ def prumerge_plus(
 
     Returns: tokens [B, budget, D], sources [B, budget, N].
     """
-    return prumerge(
-        tokens, budget, fill="uniform", neighbours=neighbours, summary_token=summary_token, order=order
-    )
+    return prumerge(tokens, budget, fill="uniform", neighbours=neighbours, summary_token=summary_token, order=order)
 
 
 def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
@@ -124,8 +122,8 @@ def adaptive_selection(scores: torch.Tensor, plus: bool = False) -> list[torch.T
     PruMerge: the k_b IQR outliers by decreasing score. PruMerge+ (`plus=True`): then every index of
     range(0, N − 1, step) not already kept, in increasing order, with step = ⌊⌊N / k_b⌋ / 3⌋ (the reference's
     int(int(1 / ratio) / 3) with ratio = k_b / N). Where the reference would fail, we do not: no outliers gives an
-    empty selection (the reference divides by zero), and a step of 0 (more than a third of the patches are
-    outliers) is taken as 1 (the reference's `arange` rejects it).
+    empty selection (the reference divides by zero), and a step of 0 (more than a third of the patches outliers,
+    which the IQR rule all but rules out) is taken as 1 (the reference's `arange` rejects it).
     """
     num_patches = scores.shape[-1]
     counts = iqr_outliers(scores).sum(dim=-1).tolist()
