@@ -4,7 +4,11 @@ from snakemake.utils import min_version
 min_version("9.19")
 
 
-configfile: "config.yaml"
+# The default study, unless a study is given with --configfile (which then stands alone rather
+# than being merged into the default's datasets and models).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 report: "workflow/report/workflow.rst"

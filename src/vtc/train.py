@@ -84,11 +84,14 @@ def answer_mask(input_ids: torch.Tensor, assistant_ids: list[int], eos_id: int) 
     return mask
 
 
-def training_batch(processor, images: list, turns: list[list[tuple[str, str]]]) -> dict[str, torch.Tensor]:
-    """Right-padded multi-turn batch whose labels cover only the answers and their end tokens."""
+def training_batch(processor, images: list, turns: list[list[tuple[str, str, list[int]]]]) -> dict[str, torch.Tensor]:
+    """Right-padded multi-turn batch whose labels cover only the answers and their end tokens.
+
+    turns: per image, (question, answer, target patches) of each turn.
+    """
     texts = []
     for image_turns in turns:
-        questions, answers = zip(*image_turns)
+        questions, answers, _ = zip(*image_turns)
         texts.append(processor.apply_chat_template(_conversation(list(questions), list(answers))))
     batch = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
     tokenizer = processor.tokenizer
@@ -96,6 +99,38 @@ def training_batch(processor, images: list, turns: list[list[tuple[str, str]]]) 
     mask = answer_mask(batch["input_ids"], assistant_ids, tokenizer.eos_token_id) & batch["attention_mask"].bool()
     batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
     return batch
+
+
+def grounding_loss(attentions, batch, turns, image_token_id: int, layers=(-2, -1)) -> torch.Tensor:
+    """-log of the attention share that each answer's last prompt token puts on its target patches.
+
+    The share is over the image tokens, averaged over heads, in each of `layers`. The testbed records
+    which patches the objects a question names cover; telling the model where to look lets a model
+    trained from scratch leave the "answer from priors" plateau in minutes rather than hours.
+    attentions: per layer [B, heads, L, L].
+    """
+    starts = (batch["labels"][:, 1:] != -100) & (batch["labels"][:, :-1] == -100)  # answer starts, shifted by one
+    rows, queries = [], []
+    length = batch["input_ids"].shape[1]
+    image_mask = batch["input_ids"] == image_token_id
+    target_mask = torch.zeros(sum(len(t) for t in turns), length, dtype=torch.bool)
+    for b, image_turns in enumerate(turns):
+        image_positions = image_mask[b].nonzero().flatten()
+        for (_, _, targets), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
+            target_mask[len(rows), image_positions[targets]] = True
+            rows.append(b)
+            queries.append(query)
+    rows, queries = torch.tensor(rows), torch.tensor(queries)
+    target_mask = target_mask[: len(rows)]
+    losses = []
+    for layer in layers:
+        # One gather per layer: indexing the [B, heads, L, L] tensor per query would make backward
+        # scatter into a full-size zero tensor for every query.
+        share = attentions[layer][rows, :, queries].mean(dim=1)  # [Q, L]
+        on_target = (share * target_mask).sum(dim=-1)
+        on_image = (share * image_mask[rows]).sum(dim=-1)
+        losses.append(-torch.log(on_target / on_image + 1e-6))
+    return torch.cat(losses).mean()
 
 
 @torch.no_grad()
@@ -140,12 +175,15 @@ def train(
     seed: int,
     eval_every: int,
     eval_samples: int,
+    max_turns: int = 4,
 ) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     splits = {split: read_common_parquet(data_dir / f"{split}.parquet") for split in ("train", "validation", "test")}
     columns = ["image", "question", "answers", "family"]
     train = splits["train"].select_columns(["image_id", "question", "answers", "meta"])
+    # Eager attention in the language model: the grounding loss needs the attention weights.
+    attn_implementation = "eager"
     rows_of_image: dict[str, list[int]] = defaultdict(list)
     for index, image_id in enumerate(train["image_id"]):
         rows_of_image[image_id].append(index)
@@ -153,6 +191,7 @@ def train(
     validation_rows = list(splits["validation"].select_columns(columns))[:eval_samples]
     processor = build_processor()
     model = build_model(processor, seed=seed)
+    model.model.language_model.set_attn_implementation(attn_implementation)
     model.train()
     names = (*shapes.COLORS, *shapes.SHAPES, *shapes.PLURALS.values())
     word_ids = {word: processor.tokenizer.convert_tokens_to_ids(word) for word in names}
@@ -176,27 +215,33 @@ def train(
         turns, metas, pictures = [], [], []
         for image_id in chosen:
             rows = train.select(rows_of_image[image_id])
-            pairs = [(q, a[0]) for q, a in zip(rows["question"], rows["answers"])]
-            turns.append(rng.sample(pairs, len(pairs)))
+            pairs = [(q, a[0], json.loads(m)["target_patches"]) for q, a, m in zip(rows["question"], rows["answers"], rows["meta"])]
+            turns.append(rng.sample(pairs, min(len(pairs), max_turns)))
             metas.append(rows[0]["meta"])
             pictures.append(splits["train"][rows_of_image[image_id][0]]["image"])
-        loss = model(**training_batch(processor, pictures, turns)).loss
+        batch = training_batch(processor, pictures, turns)
+        output = model(**batch, output_attentions=True)
+        loss = output.loss
+        ground_loss = grounding_loss(output.attentions, batch, turns, model.config.image_token_id)
         tokens = projected["tokens"]
         patch_loss = torch.nn.functional.cross_entropy(
             patch_head(tokens).flatten(0, 1), torch.stack([patch_labels(m) for m in metas]).flatten()
         )
         align_loss = alignment_loss(tokens, model.get_input_embeddings().weight, metas, word_ids)
-        (loss + patch_loss + align_loss).backward()
+        (loss + patch_loss + align_loss + ground_loss).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}", patch=f"{patch_loss.item():.3f}", align=f"{align_loss.item():.3f}")
+        progress.set_postfix(
+            loss=f"{loss.item():.3f}", patch=f"{patch_loss.item():.3f}", align=f"{align_loss.item():.3f}", ground=f"{ground_loss.item():.3f}"
+        )
         if step % eval_every == 0 or step == steps:
             scores = evaluate_accuracy(model, processor, validation_rows)
             history.append({"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores})
             print(json.dumps(history[-1]), flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    model.model.language_model.set_attn_implementation("sdpa")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     test_rows = list(splits["test"].select_columns(columns))
@@ -218,16 +263,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--eval-samples", type=int, default=256)
+    parser.add_argument("--max-turns", type=int, default=4, help="questions per image in one training sequence")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.data, args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_samples)
+    train(args.data, args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_samples, args.max_turns)
 
 
 if __name__ == "__main__":

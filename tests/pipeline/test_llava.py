@@ -5,7 +5,7 @@ import torch
 from vtc.benchmarks import read_common_parquet
 from vtc.models import llava
 from vtc.pipeline.encode import encode_dataset, expected_encode_key
-from vtc.pipeline.evaluate import evaluate
+from vtc.pipeline.evaluate import evaluate, generate_predictions
 from vtc.pipeline.prepare import prepare_dataset
 from vtc.pipeline.reduce import reduce_dataset
 
@@ -43,11 +43,16 @@ def test_full_through_pipeline_generates_what_plain_generate_does(tiny_model_dir
     prepare_dataset("shapes", str(shapes_dir), "test", None, None, 0, dataset)
     encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=7)
     reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "full", 576, {}, 0, tmp_path / "reduce")
+    shards = [(tmp_path / f"{i}.jsonl", tmp_path / f"{i}.json") for i in range(2)]
+    for shard, (predictions, stats) in enumerate(shards):
+        generate_predictions(dataset, "shapes", tmp_path / "reduce", model_cfg, 4, shard, 2, predictions, stats)
+    run_info = {"model": "tiny", "dataset": "shapes", "method": "full", "budget": 576}
     evaluate(
-        dataset, "shapes", tmp_path / "reduce", model_cfg, 4, tmp_path / "p.jsonl", tmp_path / "m.json",
-        {"model": "tiny", "dataset": "shapes", "method": "full", "budget": 576}, {"mode": "disabled", "group": "test", "dir": str(tmp_path)},
+        dataset, "shapes", tmp_path / "reduce", [p for p, _ in shards], [s for _, s in shards], tmp_path / "p.jsonl",
+        tmp_path / "m.json", run_info, model_cfg, {"mode": "disabled", "group": "test", "dir": str(tmp_path)},
     )
     pipeline = {r["id"]: r["prediction"] for r in map(json.loads, open(tmp_path / "p.jsonl"))}
+    assert list(pipeline) == read_common_parquet(dataset)["id"]  # merged back in dataset order
 
     model, processor = llava.load_model(str(tiny_model_dir), device="cpu")
     for row in read_common_parquet(dataset):
@@ -58,3 +63,4 @@ def test_full_through_pipeline_generates_what_plain_generate_does(tiny_model_dir
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["vision_tower_calls"] == 0
     assert metrics["num_visual_tokens"] == [576]
+    assert metrics["shards"] == 2 and metrics["n"] == len(pipeline)

@@ -28,6 +28,7 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
     config["shapes"] = {"test": 24}
     config["methods"] = {"full": {}, "random": {}, "pool": {}, "cluster": {"iters": 3}}
     config["budgets"] = [64, 16]
+    config["datasets"]["shapes"]["shards"] = 2
     config["wandb"] = {"mode": "offline"}
     config.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -85,7 +86,9 @@ def test_study_end_to_end_then_reruns_only_what_changed(tmp_path, tiny_model_dir
     assert sorted(accuracy.select("method", "budget").rows()) == sorted(
         [("full", 576)] + [(m, b) for m in ("cluster", "pool", "random") for b in (64, 16)]
     )
-    assert accuracy.filter(pl.col("method") == "full")["relative_to_full"].to_list() == [1.0]
+    recall = table.filter(pl.col("metric") == "target_recall")
+    assert recall.filter(pl.col("method") == "full")["relative_to_full"].to_list() == [1.0]
+    assert recall.filter(pl.col("method") == "pool")["relative_to_full"].to_list() == [1.0, 1.0]  # windows cover all
     assert (tmp_path / "results/plots/accuracy_vs_tokens.png").stat().st_size > 1000
     assert "| pool |" in (tmp_path / "results/tables/results.md").read_text()
 
@@ -107,8 +110,43 @@ def test_study_end_to_end_then_reruns_only_what_changed(tmp_path, tiny_model_dir
     assert any(r["name"] == "results" and "results" in r["summary"] for r in runs)
 
     assert "Nothing to be done" in snakemake(tmp_path, "-n").stdout
+    report = snakemake(tmp_path, "--report", "report.html")
+    assert report.returncode == 0 and "accuracy_vs_tokens" in (tmp_path / "report.html").read_text()
 
     (tmp_path / "results/evaluate/tiny/shapes/random/16/metrics.json").unlink()
     plan = snakemake(tmp_path, "-n", "--quiet", "rules").stdout
     assert "evaluate" in plan and "aggregate" in plan
-    assert "encode" not in plan and "reduce" not in plan and "prepare_dataset" not in plan
+    for rule in ("encode", "reduce", "generate", "prepare_dataset"):
+        assert rule not in plan
+
+
+def paper_config_on_fixtures(model_dir: Path) -> dict:
+    """configs/paper.yaml with the tiny model, the offline fixtures and two methods at one budget."""
+    config = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+    config["models"] = {"tiny": {"path": str(model_dir), "dtype": "float32", "device": "cpu"}}
+    for name, dataset in config["datasets"].items():
+        dataset["source"] = str(REPO / "tests" / "fixtures" / dataset["source"].split("/")[-1].lower())
+        dataset["shards"] = min(dataset.get("shards", 1), 2)
+    config["methods"] = {"full": {}, "cluster": {"iters": 3}}
+    config["budgets"] = [64]
+    config["wandb"] = {"mode": "offline"}
+    return config
+
+
+def test_paper_preset_plans_the_whole_study(tmp_path):
+    plan = snakemake(tmp_path, "--configfile", str(REPO / "configs" / "paper.yaml"), "-n", "--quiet", "rules")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    counts = dict(line.split()[:2] for line in plan.stdout.splitlines() if line.split()[:1] in (["encode"], ["evaluate"]))
+    methods = len(yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())["methods"])
+    assert counts == {"encode": "10", "evaluate": str(10 * ((methods - 1) * 3 + 1))}
+
+
+@pytest.mark.slow
+def test_paper_preset_runs_end_to_end_on_fixtures(tmp_path, tiny_model_dir):
+    config_file = tmp_path / "paper.yaml"
+    config_file.write_text(yaml.safe_dump(paper_config_on_fixtures(tiny_model_dir)))
+    result = snakemake(tmp_path, "--configfile", str(config_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pl.read_parquet(tmp_path / "results/tables/results.parquet")
+    assert set(table["dataset"]) == set(yaml.safe_load(config_file.read_text())["datasets"])
+    assert {"f1_mean", "total", "accuracy"} <= set(table["metric"])

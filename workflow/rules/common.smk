@@ -63,6 +63,7 @@ wildcard_constraints:
     method="|".join(METHODS),
     budget=r"\d+",
     split="train|validation|test",
+    shard=r"\d+",
 
 
 def budgets_for(method, model):
@@ -143,3 +144,19 @@ def get_benchmark_name(wildcards):
 
 def get_shapes_split_size(wildcards):
     return config["shapes"][wildcards.split]
+
+
+def get_num_shards(wildcards):
+    return config["datasets"][wildcards.dataset]["shards"]
+
+
+def get_prediction_shards(wildcards):
+    return expand(
+        "results/evaluate/{model}/{dataset}/{method}/{budget}/shards/{shard}.jsonl",
+        shard=range(get_num_shards(wildcards)),
+        **wildcards,
+    )
+
+
+def get_prediction_stats(wildcards):
+    return [path.removesuffix(".jsonl") + ".json" for path in get_prediction_shards(wildcards)]

@@ -1,13 +1,13 @@
-rule evaluate:
+rule generate:
     input:
         dataset="resources/datasets/{dataset}.parquet",
         reduced="results/reduce/{model}/{dataset}/{method}/{budget}",
         model=get_model_files,
     output:
-        predictions="results/evaluate/{model}/{dataset}/{method}/{budget}/predictions.jsonl",
-        metrics="results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json",
+        predictions="results/evaluate/{model}/{dataset}/{method}/{budget}/shards/{shard}.jsonl",
+        stats="results/evaluate/{model}/{dataset}/{method}/{budget}/shards/{shard}.json",
     log:
-        "logs/evaluate/{model}/{dataset}/{method}/{budget}.log",
+        "logs/generate/{model}/{dataset}/{method}/{budget}/{shard}.log",
     conda:
         "../../envs/torch.yaml"
     threads: 2
@@ -18,7 +18,32 @@ rule evaluate:
     params:
         model=get_model_config,
         benchmark=get_benchmark_name,
+        num_shards=get_num_shards,
         settings=config["evaluate"],
+    script:
+        "../scripts/generate.py"
+
+
+rule evaluate:
+    input:
+        dataset="resources/datasets/{dataset}.parquet",
+        reduced="results/reduce/{model}/{dataset}/{method}/{budget}",
+        predictions=get_prediction_shards,
+        stats=get_prediction_stats,
+    output:
+        predictions="results/evaluate/{model}/{dataset}/{method}/{budget}/predictions.jsonl",
+        metrics="results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json",
+    log:
+        "logs/evaluate/{model}/{dataset}/{method}/{budget}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 1
+    resources:
+        mem_mb=8000,
+        runtime=30,
+    params:
+        model=get_model_config,
+        benchmark=get_benchmark_name,
         run_info=run_info,
         wandb=wandb_settings,
     script:

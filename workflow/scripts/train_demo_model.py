@@ -21,5 +21,6 @@ report = train(
     seed=settings["seed"],
     eval_every=settings["eval_every"],
     eval_samples=settings["eval_samples"],
+    max_turns=settings["max_turns"],
 )
 print(json.dumps(report["test_accuracy"]))

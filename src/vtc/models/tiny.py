@@ -84,8 +84,6 @@ def build_config(tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
-        # Slow rotations over the ~600-token sequence keep attention content-driven at initialisation.
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -105,12 +103,6 @@ def build_model(processor: LlavaProcessor, seed: int = 0) -> LlavaForConditional
 
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(build_config(processor.tokenizer))
-    # Queries and keys start equal, so every head starts by attending to similar content (a question
-    # word to the patches that look like it): a from-scratch model then leaves its loss plateau far
-    # sooner. Training unties them.
-    with torch.no_grad():
-        for layer in model.model.language_model.layers:
-            layer.self_attn.k_proj.weight.copy_(layer.self_attn.q_proj.weight)
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     model.generation_config.eos_token_id = processor.tokenizer.eos_token_id
     return model

@@ -29,7 +29,9 @@ def tidy(metrics_files: list[Path]) -> pl.DataFrame:
     full = table.filter(pl.col("method") == "full").select("model", "dataset", "metric", full_value="value")
     return (
         table.join(full, on=["model", "dataset", "metric"], how="left")
-        .with_columns(relative_to_full=pl.col("value") / pl.col("full_value"))
+        .with_columns(
+            relative_to_full=pl.when(pl.col("full_value") != 0).then(pl.col("value") / pl.col("full_value"))
+        )
         .drop("full_value")
         .sort(["model", "dataset", "metric", "method", "budget"], descending=[False, False, False, False, True])
     )

@@ -1,7 +1,9 @@
-"""`evaluate`: answer every question from the reduced visual tokens, then score the answers.
+"""`generate` and `evaluate`: answer every question from the reduced visual tokens, then score.
 
-The vision tower never runs here (a hook counts its forward calls and the count is written to the
-metrics), so the encode cache is the only place images are encoded.
+`generate` runs the language model on one shard of the dataset (the images of every `num_shards`-th cache
+shard), so a large benchmark is split over several jobs, each loading the model once. The vision tower never
+runs there: a forward hook counts its calls, and the count is written next to the predictions. `evaluate`
+merges the shards in dataset order, scores them and logs the W&B run.
 """
 
 from __future__ import annotations
@@ -21,16 +23,18 @@ from vtc.models import llava
 from vtc.tracking import wandb_run
 
 
-def _answers(model, processor, benchmark, rows, store: Store, batch_size: int):
-    """Yields (row, prediction, reduced-token sources) for every row, loading one shard at a time."""
+def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int):
+    """Yields (row, prediction, reduced-token sources) for the rows of this shard, one cache shard at a time."""
     rows_by_image = defaultdict(list)
     for row in rows:
         rows_by_image[row["image_id"]].append(row)
     missing = set(rows_by_image) - set(store.image_ids)
     if missing:
         raise KeyError(f"{len(missing)} images of the dataset are not in {store.path}, e.g. {sorted(missing)[:3]}")
-    for image_ids, tensors in store.shards():
-        num_patches = store.manifest["num_patches"]
+    num_patches = store.manifest["num_patches"]
+    for index, (image_ids, tensors) in enumerate(store.shards()):
+        if index % num_shards != shard:
+            continue
         pending = [(row, i) for i, image_id in enumerate(image_ids) for row in rows_by_image.get(image_id, [])]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
@@ -49,16 +53,16 @@ def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
     return sources.any(dim=0)[targets].float().mean().item()
 
 
-def evaluate(
+def generate_predictions(
     dataset: Path,
     benchmark_name: str,
     reduced: Path,
     model_cfg: dict,
     batch_size: int,
+    shard: int,
+    num_shards: int,
     predictions_path: Path,
-    metrics_path: Path,
-    run_info: dict,
-    wandb_settings: dict,
+    stats_path: Path,
 ) -> dict:
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
@@ -67,59 +71,87 @@ def evaluate(
     )
     vision_tower_calls = 0
 
-    def count_images(module, args, output):
+    def count_calls(module, args, output):
         nonlocal vision_tower_calls
         vision_tower_calls += 1
 
-    model.model.vision_tower.register_forward_hook(count_images)
+    model.model.vision_tower.register_forward_hook(count_calls)
     rows = list(read_common_parquet(dataset).remove_columns("image"))
+    started = time.perf_counter()
+    predictions_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
+    count = 0
+    with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
+        for row, prediction, sources in _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards):
+            meta = json.loads(row["meta"] or "{}")
+            record = {k: v for k, v in row.items() if k != "meta"}
+            out.write(json.dumps({**record, "prediction": prediction, "target_recall": target_recall(sources, meta)}) + "\n")
+            count += 1
+            progress.update()
+    os.replace(tmp, predictions_path)  # only complete shards ever carry the final name
+    stats = {"n": count, "vision_tower_calls": vision_tower_calls, "seconds": time.perf_counter() - started}
+    stats_path.write_text(json.dumps(stats))
+    return stats
+
+
+def evaluate(
+    dataset: Path,
+    benchmark_name: str,
+    reduced: Path,
+    prediction_shards: list[Path],
+    stats_files: list[Path],
+    predictions_path: Path,
+    metrics_path: Path,
+    run_info: dict,
+    model_cfg: dict,
+    wandb_settings: dict,
+) -> dict:
+    benchmark = get_benchmark(benchmark_name)
+    store = Store.open(reduced)
+    meta_of = dict(zip(*read_common_parquet(dataset).select_columns(["id", "meta"]).to_dict().values()))
+    by_id = {}
+    for path in prediction_shards:
+        for line in open(path):
+            record = json.loads(line)
+            by_id[record["id"]] = record
+    if set(by_id) != set(meta_of):
+        raise ValueError(f"the prediction shards cover {len(by_id)} of the {len(meta_of)} questions of {dataset}")
+    records = [{**by_id[i], "meta": meta_of[i]} for i in meta_of]
+    stats = [json.loads(Path(p).read_text()) for p in stats_files]
+    metrics = benchmark.score(records)
+    recalls = [r["target_recall"] for r in records if r["target_recall"] is not None]
+    if recalls:
+        metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
+    result = {
+        **run_info,
+        "benchmark": benchmark_name,
+        "n": len(records),
+        "num_visual_tokens": store.manifest["num_tokens"],
+        "metrics": metrics,
+        "vision_tower_calls": sum(s["vision_tower_calls"] for s in stats),
+        "reduce_seconds": store.manifest["reduce_seconds"],
+        "generate_seconds": sum(s["seconds"] for s in stats),
+        "shards": len(stats),
+    }
     name = "/".join(str(run_info[k]) for k in ("model", "dataset", "method", "budget"))
     config = {
         **run_info,
         **{f"model/{k}": v for k, v in model_cfg.items()},
         "benchmark": benchmark_name,
-        "batch_size": batch_size,
-        "padding_side": "left",
         "max_new_tokens": benchmark.max_new_tokens,
         "decoding": "greedy",
+        "padding_side": "left",
         "num_visual_tokens": store.manifest["num_tokens"],
         "reduce_key": store.manifest["key"],
     }
     with wandb_run(wandb_settings, job_type="evaluate", name=name, config=config) as run:
-        started = time.perf_counter()
-        records, recalls = [], []
-        predictions_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
-        with open(tmp, "w") as out, tqdm(total=len(rows), desc="evaluate", unit="q", mininterval=5) as progress:
-            for row, prediction, sources in _answers(model, processor, benchmark, rows, store, batch_size):
-                meta = json.loads(row["meta"] or "{}")
-                recall = target_recall(sources, meta)
-                if recall is not None:
-                    recalls.append(recall)
-                record = {**row, "prediction": prediction, "target_recall": recall}
-                records.append(record)
-                out.write(json.dumps({k: v for k, v in record.items() if k != "meta"}) + "\n")
-                progress.update()
-        os.replace(tmp, predictions_path)
-        metrics = benchmark.score(records)
-        if recalls:
-            metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
-        result = {
-            **run_info,
-            "benchmark": benchmark_name,
-            "n": len(records),
-            "num_visual_tokens": store.manifest["num_tokens"],
-            "metrics": metrics,
-            "vision_tower_calls": vision_tower_calls,
-            "reduce_seconds": store.manifest["reduce_seconds"],
-            "evaluate_seconds": time.perf_counter() - started,
-        }
-        run.summary.update({**metrics, "n": len(records), "vision_tower_calls": vision_tower_calls})
+        run.summary.update({**metrics, "n": len(records), "vision_tower_calls": result["vision_tower_calls"]})
         import wandb
 
         columns = ["id", "family", "question", "answers", "prediction"]
-        table = wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in records[:500]])
-        run.log({"predictions": table})
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        run.log({"predictions": wandb.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in records[:500]])})
+    tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
+    tmp.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "meta"}) + "\n" for r in records))
+    os.replace(tmp, predictions_path)
     metrics_path.write_text(json.dumps(result, indent=1))
     return result
