@@ -125,3 +125,31 @@ def test_mmmu_multiple_choice_and_open(rows):
         "Which option is the net income?\nA. $1,000\nB. $2,000\nC. $3,000\n\n"
         "Answer with the option's letter from the given choices directly.",
     ]
+
+
+# The chat template shipped with llava-hf/llava-1.5-7b-hf (and -13b-hf), as stored in its processor config.
+LLAVA_15_HF_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}"
+    "{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_string_the_llava_15_model_sees(rows):
+    """The whole prompt, through `vtc.models.llava.user_turn` and the llava-hf chat template."""
+    from vtc.models.llava import user_turn
+    from vtc.models.tiny import build_processor
+
+    processor = build_processor()
+    processor.chat_template = LLAVA_15_HF_TEMPLATE
+    seen = {name: user_turn(processor, get_benchmark(name).prompt(rows[name][0])) for name in ("gqa", "scienceqa")}
+    assert seen["gqa"] == (
+        "USER: <image>\nIs the table made of wood?\nAnswer the question using a single word or phrase. ASSISTANT:"
+    )
+    assert seen["scienceqa"].startswith("USER: <image>\n") and seen["scienceqa"].endswith(
+        "Answer with the option's letter from the given choices directly. ASSISTANT:"
+    )
