@@ -398,6 +398,8 @@ def machine(device: torch.device) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        # other processes competing for the cores skew CPU timings: read it next to the numbers
+        "load_average_1_5_15min": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -476,6 +478,7 @@ def benchmark(args) -> dict:
     import_plugins(args.plugins)
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2: one token from prefill, at least one decode step")
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     s = setup(args)
     device = s.model.device
     num_patches = s.visual.num_patches
@@ -568,7 +571,9 @@ def benchmark(args) -> dict:
         "parameters": sum(p.numel() for p in s.model.parameters()),
         "command": " ".join([os.path.basename(sys.executable), "-m", "vtc.bench"] + sys.argv[1:]),
     }
-    return {"machine": machine(device), "settings": settings, "records": records}
+    result = {"machine": machine(device), "settings": settings, "records": records}
+    result["machine"]["load_average_at_start"] = load_at_start
+    return result
 
 
 def table(result: dict) -> str:
