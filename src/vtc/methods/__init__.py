@@ -112,7 +112,7 @@ def _import_builtin_methods() -> None:
 
 def selection(tokens: VisualTokens, keep: torch.Tensor) -> Reduced:
     """Reduced sequence made of the kept patches themselves. keep: [B, k] patch indices, in feed order."""
-    batch = torch.arange(keep.shape[0])[:, None]
-    sources = torch.zeros(*keep.shape, tokens.num_patches, dtype=torch.bool)
-    sources[batch, torch.arange(keep.shape[1])[None, :], keep] = True
+    batch = torch.arange(keep.shape[0], device=keep.device)[:, None]
+    sources = torch.zeros(*keep.shape, tokens.num_patches, dtype=torch.bool, device=keep.device)
+    sources[batch, torch.arange(keep.shape[1], device=keep.device)[None, :], keep] = True
     return Reduced(tokens=tokens.projected[batch, keep], sources=sources)
