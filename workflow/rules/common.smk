@@ -84,7 +84,8 @@ def get_metrics_files():
 
 
 def get_final_outputs():
-    return [
+    """The tables and plot, and every per-run result: a deleted result is a missing target, remade."""
+    return get_metrics_files() + [
         "results/tables/results.parquet",
         "results/tables/results.csv",
         "results/tables/results.md",
