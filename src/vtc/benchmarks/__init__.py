@@ -99,5 +99,16 @@ def write_common_parquet(rows: Iterable[dict], path) -> None:
     tmp.rename(path)
 
 
+def accuracy_by_family(records: list[dict], is_correct: Callable[[dict], bool]) -> dict[str, float]:
+    """Accuracy in percent over all records ("accuracy"), then per family ("accuracy/<family>")."""
+    by_family: dict[str, list[bool]] = {}
+    for record in records:
+        by_family.setdefault(record["family"], []).append(is_correct(record))
+    hits = [hit for family in by_family.values() for hit in family]
+    metrics = {"accuracy": 100.0 * sum(hits) / len(hits) if hits else 0.0}
+    metrics |= {f"accuracy/{family}": 100.0 * sum(h) / len(h) for family, h in sorted(by_family.items())}
+    return metrics
+
+
 def read_common_parquet(path) -> datasets.Dataset:
     return datasets.load_dataset("parquet", data_files=str(path), split="train").cast(COMMON_FEATURES)

@@ -12,10 +12,9 @@ surrounding whitespace from the decoded output). The family is the question's st
 from __future__ import annotations
 
 import string
-from collections import defaultdict
 
-from vtc.benchmarks import Benchmark, register_benchmark
-from vtc.benchmarks._loading import dumps, image_value, load_source, pct, to_common, undecode_images
+from vtc.benchmarks import Benchmark, accuracy_by_family, register_benchmark
+from vtc.benchmarks._loading import dumps, image_value, load_source, to_common, undecode_images
 
 QUESTIONS_CONFIG = "testdev_balanced_instructions"
 IMAGES_CONFIG = "testdev_balanced_images"
@@ -66,13 +65,7 @@ def is_correct(prediction: str, answer: str) -> bool:
 
 
 def score(records: list[dict]) -> dict[str, float]:
-    by_family: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        by_family[record["family"]].append(is_correct(record["prediction"], record["answers"][0]))
-    hits = [h for family in by_family.values() for h in family]
-    metrics = {"accuracy": pct(sum(hits), len(hits))}
-    metrics |= {f"accuracy/{family}": pct(sum(h), len(h)) for family, h in sorted(by_family.items())}
-    return metrics
+    return accuracy_by_family(records, lambda r: is_correct(r["prediction"], r["answers"][0]))
 
 
 GQA = register_benchmark(

@@ -14,16 +14,14 @@ followed by "." ("B. cat") and that letter is right. Anything else ("(B)", "The 
 
 from __future__ import annotations
 
-from collections import defaultdict
 
-from vtc.benchmarks import Benchmark, register_benchmark
+from vtc.benchmarks import Benchmark, accuracy_by_family, register_benchmark
 from vtc.benchmarks._loading import (
     dumps,
     image_digest,
     image_value,
     load_source,
     meta_of,
-    pct,
     to_common,
     undecode_images,
 )
@@ -90,13 +88,7 @@ def is_correct(prediction: str, letter: str) -> bool:
 
 
 def score(records: list[dict]) -> dict[str, float]:
-    by_family: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        by_family[record["family"]].append(is_correct(record["prediction"], record["answers"][0]))
-    hits = [h for family in by_family.values() for h in family]
-    metrics = {"accuracy": pct(sum(hits), len(hits))}
-    metrics |= {f"accuracy/{family}": pct(sum(h), len(h)) for family, h in sorted(by_family.items())}
-    return metrics
+    return accuracy_by_family(records, lambda r: is_correct(r["prediction"], r["answers"][0]))
 
 
 SCIENCEQA = register_benchmark(

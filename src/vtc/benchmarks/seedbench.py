@@ -15,10 +15,9 @@ lmms-eval reports `seed_image` (this benchmark's headline), `seed_video` and `se
 
 from __future__ import annotations
 
-from collections import defaultdict
 
-from vtc.benchmarks import Benchmark, register_benchmark
-from vtc.benchmarks._loading import dumps, image_digest, image_value, load_source, meta_of, pct, to_common
+from vtc.benchmarks import Benchmark, accuracy_by_family, register_benchmark
+from vtc.benchmarks._loading import dumps, image_digest, image_value, load_source, meta_of, to_common
 
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 DIMENSIONS = {
@@ -74,14 +73,9 @@ def parse_prediction(prediction: str) -> str:
 
 
 def score(records: list[dict]) -> dict[str, float]:
-    by_family: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        right = parse_prediction(record["prediction"]).lower() == record["answers"][0].strip().lower()
-        by_family[record["family"]].append(right)
-    hits = [h for family in by_family.values() for h in family]
-    metrics = {"accuracy": pct(sum(hits), len(hits))}
-    metrics |= {f"accuracy/{family}": pct(sum(h), len(h)) for family, h in sorted(by_family.items())}
-    return metrics
+    return accuracy_by_family(
+        records, lambda r: parse_prediction(r["prediction"]).lower() == r["answers"][0].strip().lower()
+    )
 
 
 SEEDBENCH = register_benchmark(

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from pathlib import Path
 
-from vtc.benchmarks import Benchmark, read_common_parquet, register_benchmark
+from vtc.benchmarks import Benchmark, accuracy_by_family, read_common_parquet, register_benchmark
 
 
 def _load(source: str, split: str, revision: str | None):
     path = Path(source) / f"{split}.parquet"
     if not path.exists():
-        raise FileNotFoundError(f"shapes split {split!r} not found at {path}; generate it with `python -m vtc.data.shapes`")
+        raise FileNotFoundError(
+            f"shapes split {split!r} not found at {path}; generate it with `python -m vtc.data.shapes`"
+        )
     return read_common_parquet(path)
 
 
@@ -21,14 +22,7 @@ def normalize(text: str) -> str:
 
 
 def score(records: list[dict]) -> dict[str, float]:
-    by_family: dict[str, list[bool]] = defaultdict(list)
-    for record in records:
-        hit = normalize(record["prediction"]) in {normalize(a) for a in record["answers"]}
-        by_family[record["family"]].append(hit)
-    hits = [h for family in by_family.values() for h in family]
-    metrics = {"accuracy": 100 * sum(hits) / len(hits)}
-    metrics |= {f"accuracy/{family}": 100 * sum(h) / len(h) for family, h in sorted(by_family.items())}
-    return metrics
+    return accuracy_by_family(records, lambda r: normalize(r["prediction"]) in {normalize(a) for a in r["answers"]})
 
 
 SHAPES = register_benchmark(
