@@ -9,7 +9,6 @@ kept tokens' original LLM position ids; positions are not a method's concern her
 
 from __future__ import annotations
 
-import torch
 
 from vtc.methods import Reduced, VisualTokens, register_method, selection
 from vtc.methods.grid import check_budget
