@@ -54,7 +54,7 @@ def test_full_shapes(make_tokens):
     assert reduced.sources.shape == (3, N, N)
 
 
-@pytest.mark.parametrize("name", BASE_METHODS)
+@pytest.mark.parametrize("name", BASE_METHODS + ZOO)
 @pytest.mark.parametrize("budget", [4, 18])
 def test_batch_gives_each_image_its_own_result(make_tokens, one_image, name, budget):
     tokens = make_tokens(3, GRID, 5, seeds=[7, 8, 7])
@@ -65,7 +65,7 @@ def test_batch_gives_each_image_its_own_result(make_tokens, one_image, name, bud
         torch.testing.assert_close(batched.tokens[b], alone.tokens[0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", BASE_METHODS)
+@pytest.mark.parametrize("name", BASE_METHODS + ZOO)
 def test_unknown_hyperparameter_is_rejected(make_tokens, name):
     with pytest.raises(TypeError):
         get_method(name)(make_tokens(1, GRID), 4, no_such_hparam=1)
@@ -92,20 +92,3 @@ def test_zoo_shapes_and_sources(make_tokens, name, budget):
     # default split has no contextual token below a budget of 4, see `default_contextual`.)
     if name != "divprune" and not (name == "visionzip" and budget < 4):
         assert reduced.sources.any(dim=1).all()
-
-
-@pytest.mark.parametrize("name", ZOO)
-@pytest.mark.parametrize("budget", [4, 18])
-def test_zoo_batch_gives_each_image_its_own_result(make_tokens, one_image, name, budget):
-    tokens = make_tokens(3, GRID, 5, seeds=[7, 8, 7])
-    batched = get_method(name)(tokens, budget)
-    for b in range(3):
-        alone = get_method(name)(one_image(tokens, b), budget)
-        assert torch.equal(batched.sources[b], alone.sources[0])
-        torch.testing.assert_close(batched.tokens[b], alone.tokens[0], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ZOO)
-def test_zoo_unknown_hyperparameter_is_rejected(make_tokens, name):
-    with pytest.raises(TypeError):
-        get_method(name)(make_tokens(1, GRID), 4, no_such_hparam=1)

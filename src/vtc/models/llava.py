@@ -47,6 +47,13 @@ def load_model(
     return model.to(resolve_device(device)).eval(), processor
 
 
+def load_from_config(model_cfg: dict):
+    """`load_model` with a `models.<name>` entry of config.yaml."""
+    return load_model(
+        model_cfg["path"], model_cfg.get("revision"), model_cfg["dtype"], model_cfg["device"], model_cfg["attn_implementation"]
+    )
+
+
 def feature_layer_index(model: LlavaForConditionalGeneration) -> int:
     """Index of the encoder layer whose output LLaVA feeds the projector (-2 → the penultimate)."""
     layer = model.config.vision_feature_layer

@@ -46,9 +46,7 @@ def image_seed(seed: int, image_id: str) -> int:
 
 
 def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, shard_size: int) -> dict:
-    model, processor = llava.load_model(
-        model_cfg["path"], model_cfg.get("revision"), model_cfg["dtype"], model_cfg["device"], model_cfg["attn_implementation"]
-    )
+    model, processor = llava.load_from_config(model_cfg)
     images_seen = 0
 
     def count_images(module, args, kwargs, output):

@@ -66,9 +66,7 @@ def generate_predictions(
 ) -> dict:
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
-    model, processor = llava.load_model(
-        model_cfg["path"], model_cfg.get("revision"), model_cfg["dtype"], model_cfg["device"], model_cfg["attn_implementation"]
-    )
+    model, processor = llava.load_from_config(model_cfg)
     vision_tower_calls = 0
 
     def count_calls(module, args, output):
