@@ -1,13 +1,21 @@
-"""Train the tiny demo LLaVA on the `shapes` train split and save it with `save_pretrained`.
+"""Train the tiny demo LLaVA on the `shapes` train split in two stages and save it with `save_pretrained`.
 
-Usage: ``python -m vtc.train --data resources/datasets/shapes --out models/vtc-shapes-tiny``
+Usage: ``python -m vtc.train --data resources/shapes --out models/vtc-shapes-tiny``
 
-Next-token training on the answer (plus end-of-sequence), everything else masked, with AdamW and a
-cosine schedule. A training-only linear head on the projected visual tokens also predicts, for every
-patch, the colour and shape of the object drawn there (or background): 576 labels per image instead of
-one answer make the tiny vision tower learn in minutes on a CPU. The head is discarded; the saved model
-is a plain `LlavaForConditionalGeneration`. Every `--eval-every` steps it reports greedy-decoding accuracy per question family on
-the validation split, the same way the pipeline scores it.
+Stage 1, vision: the vision tower and projector learn from dense labels that the testbed records for every
+image, through training-only linear heads on the projected tokens: each patch's colour (or background)
+and position, and each object's shape from the mean of its patches' tokens. A from-scratch ViT does not
+learn shapes from per-patch shape labels (inside an object every 4-pixel patch looks the same); pooling
+over the object asks for what the language model will need: an object's tokens, together, tell its shape.
+
+Stage 2, instruction tuning (as LLaVA-1.5: vision tower frozen, projector and language model trained):
+next-token loss on the answers and their end tokens of up to `max_turns` questions about one image, plus
+a grounding loss on the attention from each answer's prompt position to the patches of the objects the
+question names. The frozen tower's features are computed once for all training images.
+
+The heads are discarded; the saved model is a plain `LlavaForConditionalGeneration`. Every `--eval-every`
+stage-2 steps it reports greedy-decoding accuracy per question family on the validation split, the way the
+pipeline scores it; the test accuracy and the majority-answer baselines go to `training_report.json`.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,35 +36,107 @@ from vtc.benchmarks import read_common_parquet
 from vtc.data import shapes
 from vtc.models.tiny import build_model, build_processor
 
-PATCH_CLASSES = 1 + len(shapes.COLORS) * len(shapes.SHAPES)
+COLOR_CLASSES = 1 + len(shapes.COLORS)  # background + colours
 
 
-def alignment_loss(tokens: torch.Tensor, embeddings: torch.Tensor, metas: list[str], word_ids: dict) -> torch.Tensor:
-    """Pulls each object patch's projected token towards the LLM embeddings of the words that name it.
-
-    Like LLaVA's first (feature alignment) stage: visual tokens land where the words that describe them
-    live. tokens: [B, N, D]; embeddings: [V, D].
-    """
-    logits = tokens @ embeddings.T  # [B, N, V]
-    picked, targets = [], []
-    for b, meta in enumerate(metas):
-        for obj in json.loads(meta)["objects"]:
-            names = [word_ids[obj["color"]], word_ids[obj["shape"]], word_ids[shapes.PLURALS[obj["shape"]]]]
-            for patch in obj["patches"]:
-                picked.append((b, patch))
-                targets.append(names)
-    rows, targets = torch.tensor(picked), torch.tensor(targets)
-    log_probs = logits[rows[:, 0], rows[:, 1]].log_softmax(dim=-1)
-    return -log_probs.gather(1, targets).mean()
+@dataclass
+class TrainImage:
+    image: object  # PIL image
+    meta: dict
+    turns: list[tuple[str, str, list[int]]]  # (question, answer, target patches) of every question about it
 
 
-def patch_labels(meta: str) -> torch.Tensor:
-    """Per-patch class: 0 for background, else 1 + colour index × #shapes + shape index. Shape [576]."""
+def training_images(dataset) -> list[TrainImage]:
+    """One entry per image with all its questions (the split stores one row per question)."""
+    by_id: dict[str, TrainImage] = {}
+    for row in dataset:
+        meta = json.loads(row["meta"])
+        entry = by_id.setdefault(row["image_id"], TrainImage(row["image"], meta, []))
+        entry.turns.append((row["question"], row["answers"][0], meta["target_patches"]))
+    return list(by_id.values())
+
+
+def patch_colors(meta: dict) -> torch.Tensor:
+    """Per patch: 0 for background, else 1 + the index of the colour drawn there. Shape [576]."""
     labels = torch.zeros(shapes.GRID**2, dtype=torch.long)
-    colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
-    for obj in json.loads(meta)["objects"]:
-        labels[obj["patches"]] = 1 + colors.index(obj["color"]) * len(kinds) + kinds.index(obj["shape"])
+    for obj in meta["objects"]:
+        labels[obj["patches"]] = 1 + list(shapes.COLORS).index(obj["color"])
     return labels
+
+
+def patch_positions() -> torch.Tensor:
+    """(row, column) of every patch in row-major order, scaled to [0, 1]. Shape [576, 2]."""
+    rows, cols = torch.meshgrid(torch.arange(shapes.GRID), torch.arange(shapes.GRID), indexing="ij")
+    return torch.stack([rows, cols], dim=-1).reshape(-1, 2).float() / (shapes.GRID - 1)
+
+
+class VisionHeads(torch.nn.Module):
+    """Training-only probes on the projected tokens [B, 576, D]: colour and position per patch, shape per object."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.color = torch.nn.Linear(width, COLOR_CLASSES)
+        self.position = torch.nn.Linear(width, 2)
+        self.shape = torch.nn.Linear(width, len(shapes.SHAPES))
+
+    def forward(self, tokens: torch.Tensor, metas: list[dict]) -> dict[str, torch.Tensor]:
+        colors = torch.stack([patch_colors(m) for m in metas])
+        color_loss = torch.nn.functional.cross_entropy(self.color(tokens).flatten(0, 1), colors.flatten())
+        position_loss = (self.position(tokens) - patch_positions()).pow(2).mean()
+        pooled, kinds = [], []
+        for b, meta in enumerate(metas):
+            for obj in meta["objects"]:
+                pooled.append(tokens[b, obj["patches"]].mean(dim=0))
+                kinds.append(shapes.SHAPES.index(obj["shape"]))
+        shape_logits = self.shape(torch.stack(pooled))
+        kinds = torch.tensor(kinds)
+        return {
+            "color": color_loss,
+            "position": position_loss,
+            "shape": torch.nn.functional.cross_entropy(shape_logits, kinds),
+            "shape_accuracy": (shape_logits.argmax(-1) == kinds).float().mean(),
+        }
+
+
+def projected_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The LLM-input visual tokens [B, 576, D]: projector over the feature layer's patch features."""
+    return model.model.multi_modal_projector(vision_features(model, pixel_values))
+
+
+def vision_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Feature-layer patch features [B, 576, Dv] (CLS dropped), as LLaVA's `default` select strategy."""
+    hidden = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+    return hidden[model.config.vision_feature_layer][:, 1:]
+
+
+def cosine_schedule(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+
+
+def train_vision(model, pixels: torch.Tensor, metas: list[dict], steps: int, batch_size: int, lr: float, rng) -> list[dict]:
+    """Stage 1: vision tower + projector on the dense labels. pixels: [N, 3, H, W]."""
+    heads = VisionHeads(model.config.text_config.hidden_size)
+    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *heads.parameters()]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
+    schedule = cosine_schedule(optimizer, steps)
+    history = []
+    progress = tqdm(range(1, steps + 1), desc="stage 1 (vision)", mininterval=10)
+    for step in progress:
+        chosen = rng.sample(range(len(pixels)), batch_size)
+        losses = heads(projected_tokens(model, pixels[chosen]), [metas[i] for i in chosen])
+        (losses["color"] + losses["position"] + losses["shape"]).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        figures = {k: round(v.item(), 4) for k, v in losses.items()}
+        progress.set_postfix(figures)
+        if step % 100 == 0 or step == steps:
+            history.append({"step": step, **figures})
+    return history
 
 
 def _conversation(questions: list[str], answers: list[str] | None = None) -> list[dict]:
@@ -84,17 +165,20 @@ def answer_mask(input_ids: torch.Tensor, assistant_ids: list[int], eos_id: int) 
     return mask
 
 
-def training_batch(processor, images: list, turns: list[list[tuple[str, str, list[int]]]]) -> dict[str, torch.Tensor]:
-    """Right-padded multi-turn batch whose labels cover only the answers and their end tokens.
+def training_batch(processor, turns: list[list[tuple[str, str, list[int]]]]) -> dict[str, torch.Tensor]:
+    """Right-padded multi-turn token batch whose labels cover only the answers and their end tokens.
 
-    turns: per image, (question, answer, target patches) of each turn.
+    turns: per image, (question, answer, target patches) of each turn. The image placeholder is expanded
+    to one token per patch, as the processor does; the visual tokens are filled in by the caller.
     """
+    tokenizer = processor.tokenizer
+    image_token = tokenizer.image_token
     texts = []
     for image_turns in turns:
         questions, answers, _ = zip(*image_turns)
-        texts.append(processor.apply_chat_template(_conversation(list(questions), list(answers))))
-    batch = processor(images=images, text=texts, return_tensors="pt", padding=True, padding_side="right")
-    tokenizer = processor.tokenizer
+        text = processor.apply_chat_template(_conversation(list(questions), list(answers)))
+        texts.append(text.replace(image_token, image_token * shapes.GRID**2))
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     assistant_ids = tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
     mask = answer_mask(batch["input_ids"], assistant_ids, tokenizer.eos_token_id) & batch["attention_mask"].bool()
     batch["labels"] = batch["input_ids"].masked_fill(~mask, -100)
@@ -105,9 +189,8 @@ def grounding_loss(attentions, batch, turns, image_token_id: int, layers=(-2, -1
     """-log of the attention share that each answer's last prompt token puts on its target patches.
 
     The share is over the image tokens, averaged over heads, in each of `layers`. The testbed records
-    which patches the objects a question names cover; telling the model where to look lets a model
-    trained from scratch leave the "answer from priors" plateau in minutes rather than hours.
-    attentions: per layer [B, heads, L, L].
+    which patches the objects a question names cover; telling the model where to look spares a model
+    trained from scratch the long "answer from priors" plateau. attentions: per layer [B, heads, L, L].
     """
     starts = (batch["labels"][:, 1:] != -100) & (batch["labels"][:, :-1] == -100)  # answer starts, shifted by one
     rows, queries = [], []
@@ -131,6 +214,50 @@ def grounding_loss(attentions, batch, turns, image_token_id: int, layers=(-2, -1
         on_image = (share * image_mask[rows]).sum(dim=-1)
         losses.append(-torch.log(on_target / on_image + 1e-6))
     return torch.cat(losses).mean()
+
+
+def train_language(
+    model, processor, features: torch.Tensor, images: list[TrainImage], steps: int, batch_size: int, lr: float,
+    max_turns: int, rng, evaluate_every: int, validation_rows: list[dict],
+) -> list[dict]:  # fmt: skip
+    """Stage 2: projector + language model on the answers. features: frozen tower output [N, 576, Dv]."""
+    language_model = model.model.language_model
+    # Eager attention while training: the grounding loss needs the attention weights.
+    language_model.set_attn_implementation("eager")
+    model.model.vision_tower.requires_grad_(False)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
+    schedule = cosine_schedule(optimizer, steps)
+    image_token_id = model.config.image_token_id
+    history, order = [], []
+    progress = tqdm(range(1, steps + 1), desc="stage 2 (answers)", mininterval=10)
+    for step in progress:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(images)), len(images))
+        chosen, order = order[:batch_size], order[batch_size:]
+        turns = [rng.sample(images[i].turns, min(len(images[i].turns), max_turns)) for i in chosen]
+        batch = training_batch(processor, turns)
+        embeds = model.get_input_embeddings()(batch["input_ids"])
+        visual = model.model.multi_modal_projector(features[chosen])
+        embeds = embeds.masked_scatter((batch["input_ids"] == image_token_id)[..., None], visual)
+        output = model(
+            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], output_attentions=True
+        )
+        ground = grounding_loss(output.attentions, batch, turns, image_token_id)
+        (output.loss + ground).backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.set_postfix(loss=f"{output.loss.item():.3f}", ground=f"{ground.item():.3f}")
+        if step % evaluate_every == 0 or step == steps:
+            language_model.set_attn_implementation("sdpa")
+            scores = evaluate_accuracy(model, processor, validation_rows)
+            language_model.set_attn_implementation("eager")
+            history.append({"step": step, "loss": output.loss.item(), "ground": ground.item(), **scores})
+            print(json.dumps(history[-1]), flush=True)
+    language_model.set_attn_implementation("sdpa")
+    return history
 
 
 @torch.no_grad()
@@ -166,6 +293,14 @@ def majority_baseline(train_rows, test_rows) -> dict[str, float]:
     return scores
 
 
+@torch.no_grad()
+def frozen_features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    model.eval()
+    features = torch.cat([vision_features(model, pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)])
+    model.train()
+    return features
+
+
 def train(
     data_dir: Path,
     out_dir: Path,
@@ -176,83 +311,43 @@ def train(
     eval_every: int,
     eval_samples: int,
     max_turns: int = 4,
+    vision_steps: int = 900,
+    vision_batch_size: int = 64,
+    vision_lr: float = 1.5e-3,
 ) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     splits = {split: read_common_parquet(data_dir / f"{split}.parquet") for split in ("train", "validation", "test")}
     columns = ["image", "question", "answers", "family"]
-    train = splits["train"].select_columns(["image_id", "question", "answers", "meta"])
-    # Eager attention in the language model: the grounding loss needs the attention weights.
-    attn_implementation = "eager"
-    rows_of_image: dict[str, list[int]] = defaultdict(list)
-    for index, image_id in enumerate(train["image_id"]):
-        rows_of_image[image_id].append(index)
-    images = list(rows_of_image)
+    images = training_images(splits["train"])
     validation_rows = list(splits["validation"].select_columns(columns))[:eval_samples]
     processor = build_processor()
     model = build_model(processor, seed=seed)
-    model.model.language_model.set_attn_implementation(attn_implementation)
     model.train()
-    names = (*shapes.COLORS, *shapes.SHAPES, *shapes.PLURALS.values())
-    word_ids = {word: processor.tokenizer.convert_tokens_to_ids(word) for word in names}
-    patch_head = torch.nn.Linear(model.config.text_config.hidden_size, PATCH_CLASSES)
-    projected = {}
-    model.model.multi_modal_projector.register_forward_hook(lambda m, i, out: projected.update(tokens=out))
-    parameters = list(model.parameters()) + list(patch_head.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    order: list[str] = []
-    history = []
     started = time.time()
-    progress = tqdm(range(1, steps + 1), desc="train", mininterval=10)
-    for step in progress:
-        if len(order) < batch_size:
-            order += rng.sample(images, len(images))
-        chosen, order = order[:batch_size], order[batch_size:]
-        turns, metas, pictures = [], [], []
-        for image_id in chosen:
-            rows = train.select(rows_of_image[image_id])
-            pairs = [(q, a[0], json.loads(m)["target_patches"]) for q, a, m in zip(rows["question"], rows["answers"], rows["meta"])]
-            turns.append(rng.sample(pairs, min(len(pairs), max_turns)))
-            metas.append(rows[0]["meta"])
-            pictures.append(splits["train"][rows_of_image[image_id][0]]["image"])
-        batch = training_batch(processor, pictures, turns)
-        output = model(**batch, output_attentions=True)
-        loss = output.loss
-        ground_loss = grounding_loss(output.attentions, batch, turns, model.config.image_token_id)
-        tokens = projected["tokens"]
-        patch_loss = torch.nn.functional.cross_entropy(
-            patch_head(tokens).flatten(0, 1), torch.stack([patch_labels(m) for m in metas]).flatten()
-        )
-        align_loss = alignment_loss(tokens, model.get_input_embeddings().weight, metas, word_ids)
-        (loss + patch_loss + align_loss + ground_loss).backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(
-            loss=f"{loss.item():.3f}", patch=f"{patch_loss.item():.3f}", align=f"{align_loss.item():.3f}", ground=f"{ground_loss.item():.3f}"
-        )
-        if step % eval_every == 0 or step == steps:
-            scores = evaluate_accuracy(model, processor, validation_rows)
-            history.append({"step": step, "loss": loss.item(), "minutes": (time.time() - started) / 60, **scores})
-            print(json.dumps(history[-1]), flush=True)
+    pixels = processor.image_processor(images=[i.image for i in images], return_tensors="pt")["pixel_values"]
+    vision_history = train_vision(model, pixels, [i.meta for i in images], vision_steps, vision_batch_size, vision_lr, rng)
+    vision_minutes = (time.time() - started) / 60
+    features = frozen_features(model, pixels)
+    del pixels
+    history = train_language(
+        model, processor, features, images, steps, batch_size, lr, max_turns, rng, eval_every, validation_rows
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.model.language_model.set_attn_implementation("sdpa")
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     test_rows = list(splits["test"].select_columns(columns))
     report = {
+        "vision": {"steps": vision_steps, "batch_size": vision_batch_size, "lr": vision_lr, "minutes": vision_minutes},
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
+        "max_turns": max_turns,
         "seed": seed,
         "train_minutes": (time.time() - started) / 60,
         "test_accuracy": evaluate_accuracy(model, processor, test_rows),
         "test_majority_baseline": majority_baseline(list(splits["train"].select_columns(["answers", "family"])), test_rows),
+        "vision_history": vision_history,
         "history": history,
     }
     (out_dir / "training_report.json").write_text(json.dumps(report, indent=2))
@@ -263,17 +358,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=1500, help="stage-2 (answer) steps")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per stage-2 step")
     parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--vision-steps", type=int, default=900, help="stage-1 (vision) steps")
+    parser.add_argument("--vision-batch-size", type=int, default=64)
+    parser.add_argument("--vision-lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--max-turns", type=int, default=4, help="questions per image in one training sequence")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    train(args.data, args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_samples, args.max_turns)
+    train(
+        args.data, args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_samples,
+        args.max_turns, args.vision_steps, args.vision_batch_size, args.vision_lr,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

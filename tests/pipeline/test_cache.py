@@ -49,6 +49,8 @@ def test_encode_key_covers_model_dtype_and_preprocessing(encoded):
     assert Store.open(tmp_path / "encode", expected_encode_key(model_cfg))
     with pytest.raises(CacheMismatch, match="dtype"):
         Store.open(tmp_path / "encode", expected_encode_key({**model_cfg, "dtype": "bfloat16"}))
+    with pytest.raises(CacheMismatch, match="image_aspect_ratio"):
+        Store.open(tmp_path / "encode", expected_encode_key({**model_cfg, "image_aspect_ratio": "pad"}))
     key = expected_encode_key(model_cfg)
     key["image_processor"]["crop_size"] = {"height": 336, "width": 336}
     with pytest.raises(CacheMismatch, match="image_processor"):
@@ -64,3 +66,19 @@ def test_reduce_writes_k_tokens_and_sources(encoded):
     assert tensors["tokens"].shape[1:] == (64, 128) and sources.shape[1:] == (64, 576)
     assert sources.sum(dim=(1, 2)).tolist() == [576] * len(sources)  # 3×3 windows partition the grid
     json.dumps(manifest)
+
+
+def test_pad_keeps_the_whole_image_on_a_mean_colour_square():
+    from PIL import Image
+
+    from vtc.pipeline.encode import model_images
+    from vtc.models.tiny import build_processor
+
+    processor = build_processor()
+    wide = Image.new("RGB", (8, 4), (255, 0, 0))
+    [padded] = model_images([wide], processor, "pad")
+    mean = tuple(round(255 * m) for m in processor.image_processor.image_mean)  # CLIP's mean: (122, 116, 104)
+    assert padded.size == (8, 8)
+    assert [padded.getpixel((0, y)) for y in range(8)] == [mean] * 2 + [(255, 0, 0)] * 4 + [mean] * 2
+    [cropped] = model_images([wide], processor, "crop")
+    assert cropped.size == (8, 4)  # left to the processor's resize and centre crop

@@ -22,5 +22,8 @@ report = train(
     eval_every=settings["eval_every"],
     eval_samples=settings["eval_samples"],
     max_turns=settings["max_turns"],
+    vision_steps=settings["vision_steps"],
+    vision_batch_size=settings["vision_batch_size"],
+    vision_lr=settings["vision_lr"],
 )
 print(json.dumps(report["test_accuracy"]))

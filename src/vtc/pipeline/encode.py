@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from vtc.benchmarks import read_common_parquet
@@ -28,6 +29,7 @@ def encode_key(model_cfg: dict, processor, model_config) -> dict:
         "vision_feature_layer": model_config.vision_feature_layer,
         "vision_feature_select_strategy": model_config.vision_feature_select_strategy,
         "image_processor": processor.image_processor.to_dict(),
+        "image_aspect_ratio": model_cfg.get("image_aspect_ratio", "crop"),
     }
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
@@ -39,6 +41,26 @@ def expected_encode_key(model_cfg: dict) -> dict:
     config = AutoConfig.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
     processor = AutoProcessor.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
     return encode_key(model_cfg, processor, config)
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """The image centred on a square canvas of `fill`, as LLaVA-1.5's `expand2square`: nothing is cropped."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def model_images(images: list[Image.Image], processor, aspect_ratio: str) -> list[Image.Image]:
+    """RGB images as the model's preprocessing expects them (`models.<name>.image_aspect_ratio`)."""
+    images = [image.convert("RGB") for image in images]
+    if aspect_ratio == "pad":
+        fill = tuple(round(255 * m) for m in processor.image_processor.image_mean)
+        images = [pad_to_square(image, fill) for image in images]
+    return images
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -59,6 +81,7 @@ def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, s
     for index, image_id in enumerate(rows["image_id"]):
         first_row.setdefault(image_id, index)
     image_ids = list(first_row)
+    aspect_ratio = model_cfg.get("image_aspect_ratio", "crop")
     writer = StoreWriter(out, encode_key(model_cfg, processor, model.config), dataset=str(dataset))
     started = time.perf_counter()
     progress = tqdm(total=len(image_ids), desc="encode", unit="img", mininterval=5)
@@ -67,7 +90,7 @@ def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, s
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(shard_ids), batch_size):
             batch_ids = shard_ids[start : start + batch_size]
-            images = [rows[first_row[i]]["image"].convert("RGB") for i in batch_ids]
+            images = model_images([rows[first_row[i]]["image"] for i in batch_ids], processor, aspect_ratio)
             pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
             encoded = llava.encode(model, pixel_values)
             for name, tensor in vars(encoded).items():

@@ -1,0 +1,102 @@
+"""The demo model's training losses on hand-made inputs, and one tiny run of the CLI's code path."""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from vtc.data import shapes
+from vtc.models.tiny import build_processor
+from vtc import train
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_processor()
+
+
+def test_patch_colors_mark_object_patches_with_their_colour():
+    meta = {"objects": [{"color": "green", "shape": "square", "patches": [0, 25]}, {"color": "red", "shape": "circle", "patches": [575]}]}
+    labels = train.patch_colors(meta)
+    green, red = 1 + list(shapes.COLORS).index("green"), 1 + list(shapes.COLORS).index("red")
+    assert labels[0] == labels[25] == green and labels[575] == red
+    assert labels.sum() == 2 * green + red  # everything else is background (0)
+
+
+def test_patch_positions_run_row_major_from_zero_to_one():
+    positions = train.patch_positions()
+    assert positions.shape == (576, 2)
+    assert positions[0].tolist() == [0, 0] and positions[23].tolist() == [0, 1] and positions[24].tolist() == pytest.approx([1 / 23, 0])
+    assert positions[575].tolist() == [1, 1]
+
+
+def test_answer_mask_covers_answers_and_their_end_tokens_only():
+    assistant, eos = [7, 8], 2
+    ids = torch.tensor([[5, 7, 8, 30, 31, 2, 5, 7, 8, 40, 2, 0]])
+    expected = [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 0]
+    assert train.answer_mask(ids, assistant, eos)[0].int().tolist() == expected
+
+
+def test_training_batch_expands_the_image_and_labels_each_answer(processor):
+    turns = [[("is there a red circle ?", "yes", [0]), ("how many squares are there ?", "2", [1])], [("what color is the square ?", "blue", [2])]]
+    batch = train.training_batch(processor, turns)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert ((batch["input_ids"] == image_token_id).sum(dim=1) == 576).all()
+    labelled = [processor.tokenizer.convert_ids_to_tokens(row[row != -100]) for row in batch["labels"]]
+    assert labelled == [["yes", "</s>", "2", "</s>"], ["blue", "</s>"]]
+
+
+def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
+    turns = [[("what color is the square ?", "blue", [0, 1, 2, 3])]]
+    batch = train.training_batch(processor, turns)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    length = batch["input_ids"].shape[1]
+    uniform = torch.full((1, 2, length, length), 1.0 / length)
+    loss = train.grounding_loss([uniform, uniform], batch, turns, image_token_id)
+    assert loss.item() == pytest.approx(-math.log(4 / 576), rel=1e-4)
+
+    focused = torch.zeros(1, 2, length, length)
+    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
+    focused[..., image_positions[:4]] = 0.25
+    assert train.grounding_loss([focused, focused], batch, turns, image_token_id).item() == pytest.approx(0, abs=1e-5)
+
+
+def test_vision_heads_pool_each_object_and_score_its_shape():
+    heads = train.VisionHeads(width=8)
+    metas = [{"objects": [{"color": "red", "shape": "circle", "patches": [0, 1]}, {"color": "blue", "shape": "triangle", "patches": [9]}]}]
+    tokens = torch.zeros(1, 576, 8)
+    with torch.no_grad():
+        heads.shape.weight.zero_()
+        heads.shape.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))  # always "circle"
+    losses = heads(tokens, metas)
+    assert losses["shape_accuracy"].item() == pytest.approx(0.5)  # the circle right, the triangle wrong
+    circle_nll = -torch.log_softmax(torch.tensor([5.0, 0, 0]), 0)[0]
+    triangle_nll = -torch.log_softmax(torch.tensor([5.0, 0, 0]), 0)[2]
+    assert losses["shape"].item() == pytest.approx(((circle_nll + triangle_nll) / 2).item(), rel=1e-5)
+
+
+def test_majority_baseline_answers_each_familys_most_common_training_answer():
+    train_rows = [{"family": "existence", "answers": ["yes"]}] * 3 + [{"family": "existence", "answers": ["no"]}]
+    test_rows = [{"family": "existence", "answers": ["yes"]}, {"family": "existence", "answers": ["no"]}]
+    assert train.majority_baseline(train_rows, test_rows) == {"existence": 0.5, "overall": 0.5}
+
+
+@pytest.mark.slow
+def test_two_stage_training_saves_a_loadable_model_and_a_report(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from vtc.data.shapes import generate_split, write_parquet
+
+    for split, size in (("train", 40), ("validation", 8), ("test", 8)):
+        write_parquet(generate_split(size, seed=0, split=split), tmp_path / f"{split}.parquet")
+    report = train.train(
+        tmp_path, tmp_path / "model", steps=2, batch_size=2, lr=1e-3, seed=0, eval_every=2, eval_samples=4,
+        vision_steps=2, vision_batch_size=2,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "model" / "training_report.json").read_text())
+    assert saved["test_accuracy"] == report["test_accuracy"] and set(saved["test_accuracy"]) >= {"overall"}
+    assert [h["step"] for h in saved["vision_history"]] == [2] and [h["step"] for h in saved["history"]] == [2]
+    model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
+    assert model.config.text_config._attn_implementation == "sdpa"
