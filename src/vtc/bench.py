@@ -61,7 +61,6 @@ from vtc.pipeline.encode import image_seed
 
 DEFAULT_METHODS = "full,random,spatial,pool,cls_attention,cluster"
 DEFAULT_BUDGETS = "192,128,64"
-PRESETS = {"H100": cost.H100_SXM, "A100": cost.A100_80GB_SXM, "H200": cost.H200}
 IMAGE_POSITION = 4  # where the placeholder sits in a token-id prompt: after "<s> USER :" as in the llava-hf template
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,7 +172,7 @@ def setup(args) -> Setup:
     images, image_ids, question = sample_batch(args.batch_size, args.seed)
     if args.model:
         model, processor = llava.load_model(
-            args.model, dtype=args.dtype, device=str(device), attn_implementation=args.attn
+            args.model, revision=args.revision, dtype=args.dtype, device=str(device), attn_implementation=args.attn
         )
         source = args.model
         # The pipeline's prompt (chat template, tokenised as `splice_visual_tokens` does), one per row.
@@ -436,8 +435,8 @@ def resolve_preset(name: str, device: torch.device) -> cost.Device | None:
         if device.type != "cuda":
             return None
         gpu = torch.cuda.get_device_name(device)
-        return next((d for key, d in PRESETS.items() if key in gpu), None)
-    return None if name == "none" else PRESETS[name]
+        return next((d for key, d in cost.PRESETS.items() if key in gpu), None)
+    return None if name == "none" else cost.PRESETS[name]
 
 
 def prediction(shape: cost.ModelShape, text_tokens: int, k: int, full: int, new_tokens: int, device) -> dict:
@@ -472,7 +471,9 @@ def prediction(shape: cost.ModelShape, text_tokens: int, k: int, full: int, new_
 # Benchmark
 
 
-def benchmark(args) -> dict:
+def benchmark(args, specs: list[tuple[str, str, dict]] | None = None) -> dict:
+    """Runs the benchmark `args` (from `parse_args`) describes. `specs`: (label, method, hparams) of each row, for
+    callers whose hyperparameters are not strings (the pipeline's `measure_cost`); default: parsed from args.methods."""
     if args.threads:
         torch.set_num_threads(args.threads)
     import_plugins(args.plugins)
@@ -484,7 +485,7 @@ def benchmark(args) -> dict:
     num_patches = s.visual.num_patches
 
     # (label, method name, hparams, budget); full once at N, first: every speed-up is relative to it
-    specs = [parse_method(m) for m in args.methods.split(",") if m]
+    specs = list(specs) if specs is not None else [parse_method(m) for m in args.methods.split(",") if m]
     if not any(name == "full" and not hp for _, name, hp in specs):
         specs.insert(0, ("full", "full", {}))
     specs.sort(key=lambda spec: spec[1] != "full")
@@ -620,6 +621,7 @@ def parse_args(argv=None):
     src.add_argument("--model", help="hub id or local directory, loaded with vtc.models.llava.load_model")
     src.add_argument("--random-7b", action="store_true", help="random weights, llava-1.5-7b shape (no download)")
     src.add_argument("--random-tiny", action="store_true", help="random weights, the demo model's shape (tests)")
+    p.add_argument("--revision", help="hub revision of --model (a commit, branch or tag)")
     p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated METHOD[:HPARAM=VALUE...]")
     p.add_argument("--budgets", default=DEFAULT_BUDGETS, help="comma-separated visual-token budgets")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -630,7 +632,7 @@ def parse_args(argv=None):
         default="cpu",
         help="where the methods run: cpu (what vtc.pipeline.reduce does, on its cache) or model (the model's device)",
     )
-    p.add_argument("--device-preset", default="auto", choices=["auto", "none", *PRESETS])
+    p.add_argument("--device-preset", default="auto", choices=["auto", "none", *cost.PRESETS])
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--text-tokens", type=int, default=cost.TEXT_TOKENS, help="prompt length for random models")
     p.add_argument("--new-tokens", type=int, default=cost.NEW_TOKENS)

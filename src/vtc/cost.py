@@ -140,6 +140,8 @@ class Device:
 H100_SXM = Device("H100 SXM", peak_flops=989e12, memory_bandwidth=3.35e12)
 A100_80GB_SXM = Device("A100 80GB SXM", peak_flops=312e12, memory_bandwidth=2.039e12)
 H200 = Device("H200 SXM", peak_flops=989e12, memory_bandwidth=4.8e12)
+# The names the pipeline config (`efficiency.device_preset`) and `python -m vtc.bench --device-preset` accept.
+PRESETS = {"H100": H100_SXM, "A100": A100_80GB_SXM, "H200": H200}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
