@@ -46,5 +46,6 @@ rule evaluate:
         benchmark=get_benchmark_name,
         run_info=run_info,
         wandb=wandb_settings,
+        device_preset=config["efficiency"]["device_preset"],
     script:
         "../scripts/evaluate.py"

@@ -18,5 +18,6 @@ result = evaluate(
     run_info=snakemake.params.run_info,
     model_cfg=snakemake.params.model,
     wandb_settings=snakemake.params.wandb,
+    device_preset=snakemake.params.device_preset,
 )
 print(json.dumps(result["metrics"]), file=sys.stderr)

@@ -4,9 +4,10 @@ The pipeline splits `LlavaForConditionalGeneration` at the point where visual-to
 
 - `encode` runs the vision tower and projector (`LlavaModel.get_image_features`) and also captures,
   from the feature layer, the CLS→patch attention and the attention keys that reduction methods use.
-- `generate` never runs the vision tower: it embeds the prompt, replaces the single `<image>`
+- `generate_ids` never runs the vision tower: it embeds the prompt, replaces the single `<image>`
   placeholder by the k reduced vectors (no padding back to 576), and calls `model.generate` with
-  `inputs_embeds`. With all 576 tokens this is exactly what `generate(pixel_values=...)` does.
+  `inputs_embeds`. With all 576 tokens this is exactly what `generate(pixel_values=...)` does. It also
+  counts the text and generated tokens of each row, for the cost model; `decode` turns the ids into answers.
 """
 
 from __future__ import annotations
@@ -153,21 +154,60 @@ def splice_visual_tokens(
     return inputs_embeds, attention_mask
 
 
+@dataclass
+class Generation:
+    """Greedy output for a batch of B prompts.
+
+    ids [B, T]: the new tokens only (`generate` with `inputs_embeds` returns no prompt ids); a row that ended
+    before the longest one is padded with pad_token_id after its EOS.
+    text_tokens [B]: prompt tokens besides the visual ones (the tokenised prompt minus its `<image>` placeholder).
+    new_tokens [B]: tokens each row generated, its EOS included, padding excluded.
+    """
+
+    ids: torch.Tensor
+    text_tokens: list[int]
+    new_tokens: list[int]
+
+
+def generated_lengths(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
+    """Tokens each row of `ids` [B, T] generated: through its first EOS, or all T when it has none (it ran to
+    max_new_tokens). Counted by the first EOS, not by padding, because pad_token_id may equal an EOS id or be
+    generated legitimately."""
+    if eos_token_id is None:
+        return [ids.shape[1]] * ids.shape[0]
+    eos = torch.tensor(eos_token_id, device=ids.device).flatten()
+    is_eos = torch.isin(ids, eos)
+    first = is_eos.int().argmax(dim=1) + 1  # argmax returns the first maximum
+    return torch.where(is_eos.any(dim=1), first, ids.shape[1]).tolist()
+
+
 @torch.no_grad()
-def generate(
+def generate_ids(
     model: LlavaForConditionalGeneration,
     processor,
     prompts: list[str],
     visual_tokens: list[torch.Tensor],
     max_new_tokens: int,
-) -> list[str]:
-    """Greedy answers for a batch: prompts with reduced visual tokens spliced in."""
+) -> Generation:
+    """Greedy generation for a batch: prompts with reduced visual tokens [k_b, D] spliced in."""
     inputs_embeds, attention_mask = splice_visual_tokens(model, processor.tokenizer, prompts, visual_tokens)
-    generated = model.generate(
+    ids = model.generate(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
-    return [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]
+    # the mask covers each row's text and visual tokens: what is not visual is text
+    text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
+    return Generation(ids, text_tokens, generated_lengths(ids, model.generation_config.eos_token_id))
+
+
+def decode(processor, ids: torch.Tensor) -> list[str]:
+    """Answer strings of generated ids [B, T], special tokens (EOS, padding) dropped."""
+    return [text.strip() for text in processor.batch_decode(ids, skip_special_tokens=True)]
+
+
+def attention_implementation(model: LlavaForConditionalGeneration) -> str:
+    """The language model's attention kernel (eager, sdpa, flash_attention_2); the vision tower may use another."""
+    return model.config.text_config._attn_implementation

@@ -20,11 +20,13 @@ from tqdm import tqdm
 from vtc.benchmarks import get_benchmark, read_common_parquet
 from vtc.cache import Store, unpack_bool
 from vtc.models import llava
+from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.tracking import wandb_run
 
 
 def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int):
-    """Yields (row, prediction, reduced-token sources) for the rows of this shard, one cache shard at a time."""
+    """Yields (row, prediction, reduced-token sources, text tokens, generated tokens) for the rows of this shard,
+    one cache shard at a time."""
     rows_by_image = defaultdict(list)
     for row in rows:
         rows_by_image[row["image_id"]].append(row)
@@ -40,9 +42,12 @@ def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, s
             batch = pending[start : start + batch_size]
             prompts = [llava.user_turn(processor, benchmark.prompt(row)) for row, _ in batch]
             visual = [tensors["tokens"][i] for _, i in batch]
-            predictions = llava.generate(model, processor, prompts, visual, benchmark.max_new_tokens)
-            for (row, i), prediction in zip(batch, predictions):
-                yield row, prediction, unpack_bool(tensors["sources"][i], num_patches)
+            generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
+            predictions = llava.decode(processor, generation.ids)
+            for (row, i), prediction, text_tokens, new_tokens in zip(
+                batch, predictions, generation.text_tokens, generation.new_tokens
+            ):
+                yield row, prediction, unpack_bool(tensors["sources"][i], num_patches), text_tokens, new_tokens
 
 
 def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
@@ -51,6 +56,14 @@ def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
     if not targets:
         return None
     return sources.any(dim=0)[targets].float().mean().item()
+
+
+def _attention_implementation(stats: list[dict]) -> str:
+    """The language model's attention kernel, which every generate shard of a run reports."""
+    kernels = {s["attn_implementation"] for s in stats}
+    if len(kernels) != 1:
+        raise ValueError(f"the generate shards of one run used different attention kernels: {sorted(kernels)}")
+    return kernels.pop()
 
 
 def generate_predictions(
@@ -78,16 +91,26 @@ def generate_predictions(
     started = time.perf_counter()
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
-    count = 0
+    count = text_tokens = new_tokens = 0
+    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards)
     with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
-        for row, prediction, sources in _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards):
+        for row, prediction, sources, row_text_tokens, row_new_tokens in answers:
             meta = json.loads(row["meta"] or "{}")
             record = {k: v for k, v in row.items() if k != "meta"}
             out.write(json.dumps({**record, "prediction": prediction, "target_recall": target_recall(sources, meta)}) + "\n")
             count += 1
+            text_tokens += row_text_tokens
+            new_tokens += row_new_tokens
             progress.update()
     os.replace(tmp, predictions_path)  # only complete shards ever carry the final name
-    stats = {"n": count, "vision_tower_calls": vision_tower_calls, "seconds": time.perf_counter() - started}
+    stats = {
+        "n": count,
+        "vision_tower_calls": vision_tower_calls,
+        "seconds": time.perf_counter() - started,
+        "text_tokens": text_tokens,  # summed over the shard's questions, as the cost model counts them
+        "new_tokens": new_tokens,
+        "attn_implementation": llava.attention_implementation(model),
+    }
     stats_path.write_text(json.dumps(stats))
     return stats
 
@@ -103,7 +126,10 @@ def evaluate(
     run_info: dict,
     model_cfg: dict,
     wandb_settings: dict,
+    device_preset: str,
 ) -> dict:
+    """Merges and scores the shards; metrics.json also gets the run's predicted `cost` (see
+    `vtc.pipeline.efficiency.predicted_cost`, roofline times for `device_preset`)."""
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
     meta_of = dict(zip(*read_common_parquet(dataset).select_columns(["id", "meta"]).to_dict().values()))
@@ -120,6 +146,16 @@ def evaluate(
     recalls = [r["target_recall"] for r in records if r["target_recall"] is not None]
     if recalls:
         metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
+    attn_implementation = _attention_implementation(stats)
+    visual_tokens = max(store.manifest["num_tokens"])  # one k per run: the store holds one [images, k, D] tensor
+    run_cost = predicted_cost(
+        text_config(model_cfg),
+        model_cfg["dtype"],
+        visual_tokens,
+        text_tokens_mean=sum(s["text_tokens"] for s in stats) / len(records),
+        new_tokens_mean=sum(s["new_tokens"] for s in stats) / len(records),
+        device_preset=device_preset,
+    )
     result = {
         **run_info,
         "benchmark": benchmark_name,
@@ -130,6 +166,8 @@ def evaluate(
         "reduce_seconds": store.manifest["reduce_seconds"],
         "generate_seconds": sum(s["seconds"] for s in stats),
         "shards": len(stats),
+        "attn_implementation": attn_implementation,
+        "cost": run_cost,
     }
     name = "/".join(str(run_info[k]) for k in ("model", "dataset", "method", "budget"))
     config = {
@@ -139,6 +177,8 @@ def evaluate(
         "max_new_tokens": benchmark.max_new_tokens,
         "decoding": "greedy",
         "padding_side": "left",
+        "attn_implementation": attn_implementation,
+        "device_preset": device_preset,
         "num_visual_tokens": store.manifest["num_tokens"],
         "reduce_key": store.manifest["key"],
     }
