@@ -20,6 +20,7 @@ include: "workflow/rules/model.smk"
 include: "workflow/rules/encode.smk"
 include: "workflow/rules/reduce.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/efficiency.smk"
 include: "workflow/rules/aggregate.smk"
 
 

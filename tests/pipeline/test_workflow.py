@@ -43,6 +43,8 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
         ({"budgets": [64, 700]}, "config key 'budgets': 700 is above the 576 visual tokens of model 'tiny'"),
         ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
         ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
+        ({"efficiency": {"device_preset": "B200"}}, "config key 'efficiency.device_preset': 'B200' is not one of"),
+        ({"efficiency": {"repeats": 0}}, "config key 'efficiency.repeats': 0 is less than the minimum of 1"),
         ({"datasets": {"shapes": {"benchmark": "gqa2", "source": "x", "split": "test"}}}, "'datasets.shapes.benchmark': unknown benchmark 'gqa2'"),
         ({"datasets": {"shapes": {"benchmark": "shapes", "split": "test"}}}, "config key 'datasets.shapes': 'source' is a required property"),
     ],
@@ -143,6 +145,15 @@ def paper_config_on_fixtures(model_dir: Path) -> dict:
     config["methods"] = {"full": {}}
     config["wandb"] = {"mode": "offline"}
     return config
+
+
+def test_measure_cost_runs_once_per_model_unless_switched_off(tmp_path, tiny_model_dir):
+    write_config(tmp_path / "on", tiny_model_dir)
+    jobs = planned_jobs(snakemake(tmp_path / "on", "-n").stdout)
+    assert jobs["measure_cost"] == 1 and jobs["aggregate"] == 1
+    write_config(tmp_path / "off", tiny_model_dir, efficiency={"measure": False})
+    jobs = planned_jobs(snakemake(tmp_path / "off", "-n").stdout)
+    assert "measure_cost" not in jobs and jobs["aggregate"] == 1
 
 
 def test_paper_preset_plans_the_whole_study(tmp_path):

@@ -4,7 +4,8 @@ localrules:
 
 rule aggregate:
     input:
-        get_metrics_files(),
+        metrics=get_metrics_files(),
+        measured=get_measured_files(),
     output:
         parquet="results/tables/results.parquet",
         csv="results/tables/results.csv",
@@ -19,6 +20,12 @@ rule aggregate:
             caption="../report/plot.rst",
             category="Results",
             labels={"figure": "accuracy vs tokens"},
+        ),
+        pareto=report(
+            "results/plots/pareto.png",
+            caption="../report/pareto.rst",
+            category="Results",
+            labels={"figure": "accuracy vs cost"},
         ),
     log:
         "logs/aggregate.log",

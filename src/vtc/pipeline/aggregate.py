@@ -1,4 +1,10 @@
-"""`aggregate`: every evaluate result in one tidy table, a markdown summary and an accuracy-vs-tokens plot."""
+"""`aggregate`: every evaluate result in one tidy table, with its cost; a markdown summary and plots.
+
+The long table has one row per (model, dataset, method, budget, metric). Next to the scorer's metrics it holds
+each run's predicted cost (`cost/...`, the `cost` block of its metrics.json, see `vtc.pipeline.efficiency`) and,
+when rule `measure_cost` ran, the measured cost of the same method and budget on that model (`measured/...`, from
+results/efficiency/{model}/measured.json), so accuracy and cost join on the same keys.
+"""
 
 from __future__ import annotations
 
@@ -8,21 +14,83 @@ from pathlib import Path
 import polars as pl
 
 KEYS = ["model", "dataset", "method", "budget"]
+# cost block key -> (metric, factor to the unit the metric's name gives)
+PREDICTED = {
+    "visual_tokens_layer_avg": ("cost/visual_tokens_layer_avg", 1),
+    "prefill_flops": ("cost/prefill_tflops", 1e-12),
+    "decode_flops": ("cost/decode_tflops", 1e-12),
+    "kv_cache_bytes": ("cost/kv_cache_mb", 1e-6),
+}
+PREDICTED_TIMES = {"prefill_time_s": "cost/prefill_ms", "decode_time_s": "cost/decode_ms"}  # + "@{preset}", in ms
+# vtc.bench record key -> metric; timings are medians over the repeats, the fraction a ratio of medians
+MEASURED = {
+    "prefill_ms": "measured/prefill_ms",
+    "reduce_ms": "measured/reduce_ms",
+    "e2e_ms_per_sample": "measured/e2e_ms_per_sample",
+    "decode_tokens_per_s": "measured/decode_tokens_per_s",
+    "peak_memory_mb": "measured/peak_memory_mb",
+    "reduce_fraction_of_full_prefill": "measured/reduce_fraction_of_full_prefill",
+}
+IS_SCORE = ~(pl.col("metric").str.starts_with("cost/") | pl.col("metric").str.starts_with("measured/"))
 
 
-def tidy(metrics_files: list[Path]) -> pl.DataFrame:
-    """One row per (model, dataset, method, budget, metric), with the value relative to `full`."""
+def predicted_metrics(result: dict) -> dict[str, float]:
+    """The `cost/...` metrics of one metrics.json; none for results written before runs had a cost block."""
+    run_cost = result.get("cost")
+    if not run_cost:
+        return {}
+    metrics = {metric: run_cost[key] * factor for key, (metric, factor) in PREDICTED.items()}
+    for key, metric in PREDICTED_TIMES.items():
+        metrics[f"{metric}@{run_cost['device_preset']}"] = run_cost[key] * 1e3
+    return metrics
+
+
+def _median(figure: dict | float) -> float:
+    """The median of a vtc.bench summary ({"median": ..., "values": [...]}); a plain number (a ratio) as it is."""
+    return figure["median"] if isinstance(figure, dict) else figure
+
+
+def measured_metrics(record: dict) -> dict[str, float]:
+    """The `measured/...` metrics of one vtc.bench record."""
+    return {metric: _median(record[key]) for key, metric in MEASURED.items()}
+
+
+def load_measured(paths: list[Path]) -> dict[str, dict]:
+    """measured.json of each model (written by `vtc.pipeline.efficiency.measure`), by the config's model name."""
+    results = [json.loads(Path(path).read_text()) for path in paths]
+    return {result["model"]: result for result in results}
+
+
+def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> pl.DataFrame:
+    """One row per (model, dataset, method, budget, metric), with the value relative to `full`.
+
+    `metric_rank` keeps each run's order: the scorer's metrics first, as the scorer returns them (the headline
+    first), then the predicted and the measured cost. Measured records join the runs of the same model, method
+    (the record's label is the config's method name) and budget, under every dataset: the benchmark times one
+    fixed prompt, so its figures do not depend on the dataset. `n` is the questions of the run, or for measured
+    rows the timed repeats their medians are over.
+    """
+    records = {
+        (model, r["label"], r["budget"]): r for model, result in (measured or {}).items() for r in result["records"]
+    }
     rows = []
     for path in metrics_files:
         result = json.loads(Path(path).read_text())
-        for metric, value in result["metrics"].items():
+        values = [(metric, value, result["n"]) for metric, value in result["metrics"].items()]
+        values += [(metric, value, result["n"]) for metric, value in predicted_metrics(result).items()]
+        record = records.get((result["model"], result["method"], result["budget"]))
+        if record:
+            repeats = record["prefill_ms"]["n"]
+            values += [(metric, value, repeats) for metric, value in measured_metrics(record).items()]
+        for rank, (metric, value, n) in enumerate(values):
             rows.append(
                 {
                     **{k: result[k] for k in KEYS},
                     "tokens": max(result["num_visual_tokens"]),
                     "metric": metric,
+                    "metric_rank": rank,
                     "value": float(value),
-                    "n": result["n"],
+                    "n": n,
                 }
             )
     table = pl.DataFrame(rows, schema_overrides={"budget": pl.Int64, "tokens": pl.Int64})
@@ -33,13 +101,17 @@ def tidy(metrics_files: list[Path]) -> pl.DataFrame:
             relative_to_full=pl.when(pl.col("full_value") != 0).then(pl.col("value") / pl.col("full_value"))
         )
         .drop("full_value")
-        .sort(["model", "dataset", "metric", "method", "budget"], descending=[False, False, False, False, True])
+        .sort(
+            ["model", "dataset", "metric_rank", "metric", "method", "budget"],
+            descending=[False, False, False, False, False, True],
+        )
     )
 
 
 def headline_metric(table: pl.DataFrame, dataset: str) -> str:
-    """The benchmark's first reported metric (scorers put the headline first)."""
-    return table.filter(pl.col("dataset") == dataset)["metric"][0]
+    """The benchmark's first reported metric (scorers put the headline first); never a cost."""
+    scores = table.filter((pl.col("dataset") == dataset) & IS_SCORE)
+    return scores.sort(["metric_rank", "metric"])["metric"][0]
 
 
 def markdown(table: pl.DataFrame) -> str:
@@ -65,6 +137,107 @@ def markdown(table: pl.DataFrame) -> str:
                 value = part.filter((pl.col("method") == method) & (pl.col("budget") == budget))["value"]
                 cells.append(f"{value[0]:.1f}" if len(value) else "–")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def predicted_preset(table: pl.DataFrame) -> str | None:
+    """The device preset of the predicted times ("H100"), from their metric names; None without cost rows."""
+    names = sorted(table.filter(pl.col("metric").str.starts_with("cost/prefill_ms@"))["metric"].unique())
+    return names[0].split("@", 1)[1] if names else None
+
+
+def efficiency_summary(table: pl.DataFrame) -> pl.DataFrame:
+    """Per (model, method, budget): predicted and measured prefill cost, `full` first, then budgets descending.
+
+    Predicted figures differ by dataset (prompt and answer lengths), so they are averaged over the model's datasets;
+    measured ones are the same under every dataset. Columns: visual_tokens_layer_avg (tokens), prefill_tflops,
+    prefill_tflops_vs_full (ratio), prefill_ms_predicted (roofline on the preset), prefill_ms_measured,
+    speedup_measured (full's measured prefill time / this one's), reduce_fraction_of_full_prefill.
+    """
+    columns = {
+        "cost/visual_tokens_layer_avg": "visual_tokens_layer_avg",
+        "cost/prefill_tflops": "prefill_tflops",
+        f"cost/prefill_ms@{predicted_preset(table)}": "prefill_ms_predicted",
+        "measured/prefill_ms": "prefill_ms_measured",
+        "measured/reduce_fraction_of_full_prefill": "reduce_fraction_of_full_prefill",
+    }
+    part = table.filter(pl.col("metric").is_in(list(columns)))
+    if part.is_empty():
+        return pl.DataFrame()
+    wide = part.pivot(on="metric", index=["model", "method", "budget"], values="value", aggregate_function="mean")
+    wide = wide.with_columns([pl.lit(None, pl.Float64).alias(m) for m in columns if m not in wide.columns])
+    wide = wide.rename(columns)
+    full = wide.filter(pl.col("method") == "full").select(
+        "model", full_tflops="prefill_tflops", full_ms="prefill_ms_measured"
+    )
+    return (
+        wide.join(full, on="model", how="left")
+        .with_columns(
+            prefill_tflops_vs_full=pl.col("prefill_tflops") / pl.col("full_tflops"),
+            speedup_measured=pl.col("full_ms") / pl.col("prefill_ms_measured"),
+        )
+        .sort(["model", pl.col("method") != "full", "method", "budget"], descending=[False, False, False, True])
+        .select(
+            "model", "method", "budget", "visual_tokens_layer_avg", "prefill_tflops", "prefill_tflops_vs_full",
+            "prefill_ms_predicted", "prefill_ms_measured", "speedup_measured", "reduce_fraction_of_full_prefill",
+        )  # fmt: skip
+    )
+
+
+def measured_device(result: dict) -> str:
+    """Where and how `vtc.bench` measured: the machine, settings and the load it ran under."""
+    m, s = result["machine"], result["settings"]
+    where = m.get("gpu") or f"{m['cpu_model']} ({m['usable_cpus']} usable CPUs, {m['torch_threads']} torch threads)"
+    load = m.get("load_average_at_start")
+    return (
+        f"{where}; {s['dtype']}, attention {s['attn_implementation']}, batch {s['batch_size']}, {s['text_tokens']} "
+        f"text tokens, {s['new_tokens']} new tokens, median of {s['repeats']} runs"
+        + (f", 1-min load average {load[0]:.1f} at start" if load else "")
+    )
+
+
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def efficiency_markdown(summary: pl.DataFrame, table: pl.DataFrame, measured: dict[str, dict]) -> str:
+    """The efficiency section of results.md: one table per model (see `efficiency_summary`)."""
+    if summary.is_empty():
+        return ""
+    preset = predicted_preset(table)
+    sections = ["## Efficiency"]
+    for (model,), part in summary.group_by(["model"], maintain_order=True):
+        datasets = table.filter(pl.col("model") == model)["dataset"].n_unique()
+        where = (
+            f"measured by rule `measure_cost` (`vtc.bench`) on {measured_device(measured[model])}"
+            if model in measured
+            else "not measured (`efficiency.measure` is off)"
+        )
+        lines = [
+            f"### {model}",
+            "",
+            f"Visual tokens are the average over the decoder layers (the same at every layer for methods that reduce "
+            f"before the LLM). Predicted: `vtc.cost` for the run's mean request, roofline times on the {preset} "
+            f"preset, averaged over {datasets} dataset(s). Prefill times {where}.",
+            "",
+            f"| method | budget | visual tokens / layer | prefill TFLOPs | vs full | prefill ms {preset} (predicted) "
+            "| prefill ms (measured) | speed-up (measured) | reduce / full prefill (measured) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in part.iter_rows(named=True):
+            cells = [
+                r["method"],
+                str(r["budget"]),
+                _cell(r["visual_tokens_layer_avg"], ".1f"),
+                _cell(r["prefill_tflops"], ".3g"),
+                _cell(r["prefill_tflops_vs_full"], ".3f"),
+                _cell(r["prefill_ms_predicted"], ".3g"),
+                _cell(r["prefill_ms_measured"], ".3g"),
+                _cell(r["speedup_measured"], ".2f") + ("×" if r["speedup_measured"] is not None else ""),
+                _cell(r["reduce_fraction_of_full_prefill"], ".1%"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
@@ -95,17 +268,115 @@ def plot(table: pl.DataFrame, path: Path) -> None:
     plt.close(figure)
 
 
-def aggregate(metrics_files: list[Path], out_parquet: Path, out_csv: Path, out_markdown: Path, out_plot: Path, wandb_settings: dict) -> pl.DataFrame:
+def pareto_frontier(costs: list[float], values: list[float]) -> list[int]:
+    """Indices of the points that no other point beats, by increasing cost.
+
+    A point is beaten when another costs no more and scores at least as much, one of the two strictly; of identical
+    points the first is kept. Sweep: by cost (ties: best score first), keep each point that scores above all
+    cheaper ones.
+    """
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -values[i]))
+    frontier, best = [], float("-inf")
+    for i in order:
+        if values[i] > best:
+            frontier.append(i)
+            best = values[i]
+    return frontier
+
+
+def cost_and_score(part: pl.DataFrame, cost_metric: str, score_metric: str) -> pl.DataFrame:
+    """(method, budget, cost, score) of the runs of one model and dataset that have both metrics."""
+    costs = part.filter(pl.col("metric") == cost_metric).select("method", "budget", cost="value")
+    scores = part.filter(pl.col("metric") == score_metric).select("method", "budget", score="value")
+    return costs.join(scores, on=["method", "budget"]).sort("cost")
+
+
+def pareto_panel(ax, points: pl.DataFrame, xlabel: str, ylabel: str, title: str) -> None:
+    """Every run as a point labelled method/budget, the Pareto frontier as dashed steps (the best score reachable
+    at a cost). Runs at the same point share one label (every pre-LLM method at a budget has the same FLOPs)."""
+    labels = (
+        points.group_by(["cost", "score"], maintain_order=True)
+        .agg(pl.format("{}/{}", "method", "budget").str.join(", ").alias("label"))
+        .sort("cost")
+    )
+    frontier = points[pareto_frontier(points["cost"].to_list(), points["score"].to_list())]
+    ax.scatter(points["cost"], points["score"], s=25, zorder=3, label="run")
+    ax.scatter(frontier["cost"], frontier["score"], s=60, facecolors="none", edgecolors="black", zorder=4)
+    # Tied scores are common on small test sets: labels of same-score points close in cost are stacked.
+    span = (points["cost"].max() - points["cost"].min()) or 1.0
+    last = {}  # score -> (cost, stack level) of its last label
+    for cost, score, label in labels.iter_rows():
+        near = score in last and cost - last[score][0] < 0.05 * span
+        level = last[score][1] + 1 if near else 0
+        last[score] = (cost, level)
+        ax.annotate(label, (cost, score), fontsize=7, xytext=(4, 3 + 9 * level), textcoords="offset points")
+    ax.margins(y=0.15)
+    ax.step(frontier["cost"], frontier["score"], where="post", color="black", linestyle="--", linewidth=1,
+            label="Pareto frontier")  # fmt: skip
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def pareto_plot(table: pl.DataFrame, path: Path) -> None:
+    """Per (model, dataset), a row: headline metric against predicted prefill TFLOPs and, when rule measure_cost
+    ran, against measured prefill time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = table.select("model", "dataset").unique(maintain_order=True).rows()
+    panels = [("cost/prefill_tflops", "predicted prefill TFLOPs (vtc.cost)")]
+    if not table.filter(pl.col("metric") == "measured/prefill_ms").is_empty():
+        panels.append(("measured/prefill_ms", "measured prefill ms (vtc.bench)"))
+    figure, axes = plt.subplots(len(groups), len(panels), figsize=(6 * len(panels), 4.5 * len(groups)), squeeze=False)
+    for row, (model, dataset) in zip(axes, groups):
+        part = table.filter((pl.col("model") == model) & (pl.col("dataset") == dataset))
+        metric = headline_metric(part, dataset)
+        for ax, (cost_metric, xlabel) in zip(row, panels):
+            points = cost_and_score(part, cost_metric, metric)
+            if points.is_empty():  # this model was not measured, or its runs predate the cost block
+                ax.axis("off")
+                continue
+            pareto_panel(ax, points, xlabel, metric, f"{dataset} ({model})")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def aggregate(
+    metrics_files: list[Path],
+    measured_files: list[Path],
+    out_parquet: Path,
+    out_csv: Path,
+    out_markdown: Path,
+    out_plot: Path,
+    out_pareto: Path,
+    wandb_settings: dict,
+) -> pl.DataFrame:
     from vtc.tracking import wandb_run
 
-    table = tidy(metrics_files)
+    measured = load_measured(measured_files)
+    table = tidy(metrics_files, measured)
+    summary = efficiency_summary(table)
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
     table.write_parquet(out_parquet)
     table.write_csv(out_csv)
-    out_markdown.write_text(markdown(table))
+    out_markdown.write_text("\n".join(filter(None, [markdown(table), efficiency_markdown(summary, table, measured)])))
     plot(table, out_plot)
-    with wandb_run(wandb_settings, job_type="aggregate", name="results", config={"num_results": len(metrics_files)}) as run:
+    pareto_plot(table, out_pareto)
+    config = {"num_results": len(metrics_files), "measured_models": sorted(measured)}
+    with wandb_run(wandb_settings, job_type="aggregate", name="results", config=config) as run:
         import wandb
 
-        run.log({"results": wandb.Table(columns=table.columns, data=table.rows()), "accuracy_vs_tokens": wandb.Image(str(out_plot))})
+        logged = {
+            "results": wandb.Table(columns=table.columns, data=table.rows()),
+            "accuracy_vs_tokens": wandb.Image(str(out_plot)),
+            "pareto": wandb.Image(str(out_pareto)),
+        }
+        if not summary.is_empty():
+            logged["efficiency"] = wandb.Table(columns=summary.columns, data=summary.rows())
+        run.log(logged)
     return table
