@@ -8,6 +8,15 @@ A method is a pure function, in one file of this package (or of a user's module)
 It sees the whole batch of cached encoder outputs and returns, per image, the `budget` vectors the
 language model will see, in the order it will see them, and which input patches each came from.
 Hyperparameters come from `config.yaml` (`methods: {name: {hparam: value}}`) as keyword arguments.
+
+A method that changes the vision encoder itself (ToMe merges inside every encoder layer) cannot work from the
+shared encode cache. It registers with `stage="encoder"` and runs the model's vision tower and projector itself:
+
+    @register_method("name", stage="encoder")
+    def method(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor, budget: int, **hparams) -> Reduced
+
+`method_stage(name)` tells the pipeline which kind a method is: a "tokens" method reduces the encode cache, an
+"encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`).
 """
 
 from __future__ import annotations
@@ -16,6 +25,7 @@ import importlib
 import importlib.util
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
@@ -69,13 +79,20 @@ class Method(Protocol):
 
 
 _REGISTRY: dict[str, Method] = {}
+_STAGES: dict[str, str] = {}
+# "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself.
+STAGES = ("tokens", "encoder")
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+def register_method(name: str, *, stage: str = "tokens") -> Callable[[Method], Method]:
+    if stage not in STAGES:
+        raise ValueError(f"stage of method {name!r} must be one of {STAGES}, got {stage!r}")
+
     def decorator(fn: Method) -> Method:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
         _REGISTRY[name] = fn
+        _STAGES[name] = stage
         return fn
 
     return decorator
@@ -88,14 +105,27 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
+def method_stage(name: str) -> str:
+    """"tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself."""
+    get_method(name)
+    return _STAGES[name]
+
+
 def available_methods() -> list[str]:
     _import_builtin_methods()
     return sorted(_REGISTRY)
 
 
+_PLUGINS: set[str] = set()
+
+
 def import_plugins(modules: list[str]) -> None:
-    """Imports user modules (dotted names or .py paths) so their `@register_method` calls run."""
+    """Imports user modules (dotted names or .py paths) so their `@register_method` calls run; each once, however
+    often it is asked for (a .py file run twice would register its methods twice)."""
     for module in modules:
+        name = str(Path(module).resolve()) if module.endswith(".py") else module
+        if name in _PLUGINS:
+            continue
         if module.endswith(".py"):
             spec = importlib.util.spec_from_file_location(f"vtc_plugin_{abs(hash(module))}", module)
             if spec is None or spec.loader is None:
@@ -103,6 +133,7 @@ def import_plugins(modules: list[str]) -> None:
             spec.loader.exec_module(importlib.util.module_from_spec(spec))
         else:
             importlib.import_module(module)
+        _PLUGINS.add(name)
 
 
 def _import_builtin_methods() -> None:
