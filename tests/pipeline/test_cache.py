@@ -6,7 +6,7 @@ import torch
 from vtc.cache import CacheMismatch, Store, StoreWriter, pack_bool, unpack_bool
 from vtc.pipeline.encode import encode_dataset, expected_encode_key
 from vtc.pipeline.prepare import prepare_dataset
-from vtc.pipeline.reduce import reduce_dataset
+from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder
 
 
 def test_pack_roundtrip():
@@ -66,6 +66,43 @@ def test_reduce_writes_k_tokens_and_sources(encoded):
     assert tensors["tokens"].shape[1:] == (64, 128) and sources.shape[1:] == (64, 576)
     assert sources.sum(dim=(1, 2)).tolist() == [576] * len(sources)  # 3×3 windows partition the grid
     json.dumps(manifest)
+
+
+def test_encoder_level_method_reduces_from_the_images(tiny_model_dir, shapes_dir, tmp_path):
+    """ToMe runs the vision tower itself: no encode cache, the same reduced store, a key with the encode key."""
+    from vtc.methods import get_method
+    from vtc.models import llava
+    from vtc.pipeline.encode import dataset_images
+
+    model_cfg = {"path": str(tiny_model_dir), "revision": None, "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
+    dataset = tmp_path / "shapes.parquet"
+    prepare_dataset("shapes", str(shapes_dir), "test", None, None, 0, dataset)
+    manifest = reduce_in_encoder(dataset, model_cfg, "tome", 128, {}, tmp_path / "tome", batch_size=4, shard_size=5)
+    rows, first_row = dataset_images(dataset)
+    assert manifest["num_tokens"] == [128] and manifest["num_patches"] == 576
+    assert manifest["num_images"] == manifest["vision_tower_images"] == len(first_row) == 11
+    assert manifest["key"]["encode"] == expected_encode_key(model_cfg)
+    store = Store.open(tmp_path / "tome", manifest["key"])
+    assert store.image_ids == list(first_row) and [len(s["image_ids"]) for s in manifest["shards"]] == [5, 5, 1]
+    image_ids, tensors = next(store.shards())
+    sources = unpack_bool(tensors["sources"], 576)
+    assert tensors["tokens"].shape == (5, 128, 128) and sources.shape == (5, 128, 576)
+    assert torch.equal(sources.sum(dim=1), torch.ones(5, 576, dtype=torch.long))  # merged groups partition the grid
+    # what the job wrote for an image is what the method gives on that image's pixels
+    model, processor = llava.load_from_config(model_cfg)
+    pixel_values = processor.image_processor([rows[first_row[image_ids[2]]]["image"].convert("RGB")], return_tensors="pt")
+    alone = get_method("tome")(model, pixel_values["pixel_values"], 128)
+    torch.testing.assert_close(tensors["tokens"][2], alone.tokens[0], rtol=0, atol=1e-5)
+    assert torch.equal(sources[2], alone.sources[0])
+
+    other = reduce_in_encoder(dataset, model_cfg, "tome", 128, {"prop_attn": False}, tmp_path / "plain", batch_size=4, shard_size=5)
+    assert other["fingerprint"] != manifest["fingerprint"]
+    with pytest.raises(CacheMismatch, match="differs in: hparams"):
+        Store.open(tmp_path / "tome", other["key"])
+    with pytest.raises(ValueError, match="reduce it with reduce_in_encoder"):
+        reduce_dataset(tmp_path / "tome", None, "tome", 128, {}, 0, tmp_path / "r")
+    with pytest.raises(ValueError, match="reduce it with reduce_dataset"):
+        reduce_in_encoder(dataset, model_cfg, "pool", 128, {}, tmp_path / "r")
 
 
 def test_pad_keeps_the_whole_image_on_a_mean_colour_square():

@@ -83,9 +83,10 @@ def test_measure_labels_records_by_config_method_name(tiny_model_dir, tmp_path):
     }
     settings = {"batch_size": 1, "new_tokens": 2, "warmup": 0, "repeats": 1}
     out = tmp_path / "efficiency" / "tiny" / "measured.json"
-    measure("tiny", model, {"full": None, "cluster": {"iters": 2}}, [16], settings, 1, 0, [], out)
+    measure("tiny", model, {"full": None, "cluster": {"iters": 2}, "tome": {}}, [16], settings, 1, 0, [], out)
     saved = json.loads(out.read_text())
     assert saved["model"] == "tiny"
+    assert saved["not_measured"] == ["tome"]  # it runs inside the vision tower; vtc.bench times cache methods
     assert [(r["label"], r["hparams"], r["budget"]) for r in saved["records"]] == [
         ("full", {}, 576),
         ("cluster", {"iters": 2}, 16),

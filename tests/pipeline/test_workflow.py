@@ -156,6 +156,16 @@ def test_measure_cost_runs_once_per_model_unless_switched_off(tmp_path, tiny_mod
     assert "measure_cost" not in jobs and jobs["aggregate"] == 1
 
 
+def test_encoder_level_method_reduces_from_the_dataset_not_the_encode_cache(tmp_path, tiny_model_dir):
+    write_config(tmp_path, tiny_model_dir, methods={"tome": {}}, budgets=[192], efficiency={"measure": False})
+    plan = snakemake(tmp_path, "-n", "-p", "results/reduce/tiny/shapes/tome/192")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert planned_jobs(plan.stdout) == {"generate_shapes": 1, "prepare_dataset": 1, "reduce": 1}
+    reduce_job = plan.stdout.split("rule reduce:")[1]
+    assert "input: resources/datasets/shapes.parquet" in reduce_job and "model.safetensors" in reduce_job
+    assert "threads: 2" in reduce_job
+
+
 def test_paper_preset_plans_the_whole_study(tmp_path):
     plan = snakemake(tmp_path, "--configfile", str(REPO / "configs" / "paper.yaml"), "-n")
     assert plan.returncode == 0, plan.stderr[-2000:]

@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vtc.benchmarks import available_benchmarks
-from vtc.methods import available_methods, import_plugins
+from vtc.methods import available_methods, import_plugins, method_stage
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -121,6 +121,28 @@ def get_model_files(wildcards):
 
 def get_method_hparams(wildcards):
     return config["methods"][wildcards.method] or {}
+
+
+def get_reduce_input(wildcards):
+    """The encode cache; for an encoder-level method (ToMe), the dataset and the model it runs on instead."""
+    if method_stage(wildcards.method) == "encoder":
+        return {
+            "dataset": f"resources/datasets/{wildcards.dataset}.parquet",
+            "model": get_model_files(wildcards),
+        }
+    return {"encoded": f"results/encode/{wildcards.model}/{wildcards.dataset}"}
+
+
+def by_reduce_stage(tokens, encoder):
+    """A setting of the reduce jobs, `tokens` for a method of the encode cache, `encoder` for one that runs the
+    vision tower itself (like encode: threads, memory, time, GPUs, batch sizes); either may be a function of
+    wildcards."""
+
+    def pick(wildcards):
+        value = encoder if method_stage(wildcards.method) == "encoder" else tokens
+        return value(wildcards) if callable(value) else value
+
+    return pick
 
 
 def wandb_settings(wildcards=None):

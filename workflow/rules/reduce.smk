@@ -1,21 +1,24 @@
+# A method of the encode cache reads results/encode/; an encoder-level method (ToMe) runs the vision tower
+# itself on the dataset's images, so it needs the model and a GPU like encode (see get_reduce_input).
 rule reduce:
     input:
-        "results/encode/{model}/{dataset}",
+        unpack(get_reduce_input),
     output:
         directory("results/reduce/{model}/{dataset}/{method}/{budget}"),
     log:
         "logs/reduce/{model}/{dataset}/{method}/{budget}.log",
     conda:
         "../../envs/torch.yaml"
-    threads: 1
+    threads: by_reduce_stage(1, 2)
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=by_reduce_stage(8000, 16000),
+        runtime=by_reduce_stage(60, 240),
+        gpu=by_reduce_stage(0, gpus),
     params:
         model=get_model_config,
         hparams=get_method_hparams,
         seed=config["seed"],
         plugins=config["plugins"],
-        settings=config["reduce"],
+        settings=by_reduce_stage(config["reduce"], config["encode"]),
     script:
         "../scripts/reduce.py"

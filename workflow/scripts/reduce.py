@@ -6,19 +6,33 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
 
 import torch
 
+from vtc.methods import import_plugins, method_stage
 from vtc.pipeline.encode import expected_encode_key
-from vtc.pipeline.reduce import reduce_dataset
+from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder
 
 torch.set_num_threads(snakemake.threads)
-manifest = reduce_dataset(
-    encoded=Path(snakemake.input[0]),
-    expected_key=expected_encode_key(snakemake.params.model),
+import_plugins(snakemake.params.plugins)
+common = dict(
     method=snakemake.wildcards.method,
     budget=int(snakemake.wildcards.budget),
     hparams=snakemake.params.hparams,
-    seed=snakemake.params.seed,
     out=Path(snakemake.output[0]),
-    batch_size=snakemake.params.settings["batch_size"],
     plugins=snakemake.params.plugins,
 )
+if method_stage(snakemake.wildcards.method) == "encoder":
+    manifest = reduce_in_encoder(
+        dataset=Path(snakemake.input.dataset),
+        model_cfg=snakemake.params.model,
+        batch_size=snakemake.params.settings["batch_size"],
+        shard_size=snakemake.params.settings["shard_size"],
+        **common,
+    )
+else:
+    manifest = reduce_dataset(
+        encoded=Path(snakemake.input.encoded),
+        expected_key=expected_encode_key(snakemake.params.model),
+        seed=snakemake.params.seed,
+        batch_size=snakemake.params.settings["batch_size"],
+        **common,
+    )
 print(f"{manifest['num_images']} images -> {manifest['num_tokens']} tokens", file=sys.stderr)

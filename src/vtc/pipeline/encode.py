@@ -67,6 +67,15 @@ def image_seed(seed: int, image_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:7], "little")
 
 
+def dataset_images(dataset: Path):
+    """The dataset's image column and, per unique image id (first-appearance order), the first row holding it."""
+    rows = read_common_parquet(dataset).select_columns(["image_id", "image"])
+    first_row: dict[str, int] = {}
+    for index, image_id in enumerate(rows["image_id"]):
+        first_row.setdefault(image_id, index)
+    return rows, first_row
+
+
 def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, shard_size: int) -> dict:
     model, processor = llava.load_from_config(model_cfg)
     images_seen = 0
@@ -76,10 +85,7 @@ def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, s
         images_seen += (args[0] if args else kwargs["pixel_values"]).shape[0]
 
     model.model.vision_tower.register_forward_hook(count_images, with_kwargs=True)
-    rows = read_common_parquet(dataset).select_columns(["image_id", "image"])
-    first_row = {}
-    for index, image_id in enumerate(rows["image_id"]):
-        first_row.setdefault(image_id, index)
+    rows, first_row = dataset_images(dataset)
     image_ids = list(first_row)
     aspect_ratio = model_cfg.get("image_aspect_ratio", "crop")
     writer = StoreWriter(out, encode_key(model_cfg, processor, model.config), dataset=str(dataset))

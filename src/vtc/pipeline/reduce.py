@@ -1,4 +1,10 @@
-"""`reduce`: turn cached visual tokens into the sequence the LLM will see, for one method and budget."""
+"""`reduce`: turn an image's visual tokens into the sequence the LLM will see, for one method and budget.
+
+A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`). An "encoder" method (ToMe) changes
+the vision tower itself, so `reduce_in_encoder` loads the model and the dataset's images and runs the method on
+the pixels. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
+manifest with num_images, num_patches, num_tokens and reduce_seconds, which is all `generate` reads.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +14,9 @@ from pathlib import Path
 import torch
 
 from vtc.cache import Store, StoreWriter, pack_bool
-from vtc.methods import VisualTokens, get_method, import_plugins
-from vtc.pipeline.encode import image_seed
+from vtc.methods import VisualTokens, get_method, import_plugins, method_stage
+from vtc.models import llava
+from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images
 
 
 def reduce_dataset(
@@ -25,6 +32,8 @@ def reduce_dataset(
 ) -> dict:
     import_plugins(list(plugins))
     reducer = get_method(method)
+    if method_stage(method) != "tokens":
+        raise ValueError(f"method {method!r} runs inside the vision encoder: reduce it with reduce_in_encoder")
     store = Store.open(encoded, expected_key)
     grid = tuple(store.manifest["grid"])
     key = {"encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed}
@@ -55,4 +64,66 @@ def reduce_dataset(
         num_patches=grid[0] * grid[1],
         num_tokens=sorted(num_tokens),
         reduce_seconds=seconds,
+    )
+
+
+def reduce_in_encoder(
+    dataset: Path,
+    model_cfg: dict,
+    method: str,
+    budget: int,
+    hparams: dict,
+    out: Path,
+    batch_size: int = 32,
+    shard_size: int = 256,
+    plugins: list[str] = (),
+) -> dict:
+    """`reduce` for a method registered with stage="encoder": runs it on every unique image of `dataset`.
+
+    The images go through the same preprocessing as `encode` (`model_images`, the image processor). The store's key
+    holds the full encode key of this model configuration (model, revision, dtype, feature layer, select strategy,
+    image processor, aspect ratio), the method, budget and hyperparameters. reduce_seconds times the method calls,
+    vision tower included; vision_tower_images counts the images it encoded (each unique image once).
+    """
+    import_plugins(list(plugins))
+    reducer = get_method(method)
+    if method_stage(method) != "encoder":
+        raise ValueError(f"method {method!r} reduces the encode cache: reduce it with reduce_dataset")
+    model, processor = llava.load_from_config(model_cfg)
+    rows, first_row = dataset_images(dataset)
+    image_ids = list(first_row)
+    aspect_ratio = model_cfg.get("image_aspect_ratio", "crop")
+    key = {
+        "encode": encode_key(model_cfg, processor, model.config),
+        "method": method,
+        "budget": budget,
+        "hparams": hparams,
+    }
+    writer = StoreWriter(out, key, stage="encoder", dataset=str(dataset))
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    seconds = 0.0
+    num_tokens = set()
+    for shard_start in range(0, len(image_ids), shard_size):
+        shard_ids = image_ids[shard_start : shard_start + shard_size]
+        tokens, sources = [], []
+        for start in range(0, len(shard_ids), batch_size):
+            images = [rows[first_row[i]]["image"] for i in shard_ids[start : start + batch_size]]
+            images = model_images(images, processor, aspect_ratio)
+            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            started = time.perf_counter()
+            reduced = reducer(model, pixel_values, budget, **hparams)
+            if reduced.tokens.is_cuda:
+                torch.cuda.synchronize(reduced.tokens.device)  # the clock reads finished work
+            seconds += time.perf_counter() - started
+            tokens.append(reduced.tokens.cpu())
+            sources.append(pack_bool(reduced.sources))
+            num_tokens.add(reduced.tokens.shape[1])
+        writer.add(shard_ids, {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
+    return writer.close(
+        num_images=len(image_ids),
+        num_patches=grid * grid,
+        num_tokens=sorted(num_tokens),
+        reduce_seconds=seconds,
+        grid=[grid, grid],
+        vision_tower_images=len(image_ids),
     )
