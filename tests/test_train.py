@@ -52,15 +52,36 @@ def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
     turns = [[("what color is the square ?", "blue", [0, 1, 2, 3])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    rows, queries, image_mask, target_mask = train.answer_queries(batch, turns, image_token_id)
+    assert rows.tolist() == [0] and processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][0, queries[0]]]) == [":"]
+    assert image_mask.sum() == 576 and target_mask.sum() == 4
     length = batch["input_ids"].shape[1]
-    uniform = torch.full((1, 2, length, length), 1.0 / length)
-    loss = train.grounding_loss([uniform, uniform], batch, turns, image_token_id)
-    assert loss.item() == pytest.approx(-math.log(4 / 576), rel=1e-4)
+    uniform = torch.full((1, length), 1.0 / length)
+    assert train.grounding_loss([uniform], image_mask, target_mask).item() == pytest.approx(-math.log(4 / 576), rel=1e-4)
+    focused = target_mask.float() / 4
+    assert train.grounding_loss([focused, focused], image_mask, target_mask).item() == pytest.approx(0, abs=1e-5)
 
-    focused = torch.zeros(1, 2, length, length)
-    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
-    focused[..., image_positions[:4]] = 0.25
-    assert train.grounding_loss([focused, focused], batch, turns, image_token_id).item() == pytest.approx(0, abs=1e-5)
+
+def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    language_model = model.model.language_model
+    turns = [[("is there a red circle ?", "yes", [0]), ("how many squares are there ?", "2", [1])], [("what shape is the red object ?", "square", [2])]]
+    batch = train.training_batch(processor, turns)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with torch.no_grad():
+        eager = language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], output_attentions=True).attentions
+        keep = train.KeepQueriesAndKeys()
+        language_model.set_attn_implementation(keep.name)
+        language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+    rows, queries, _, _ = train.answer_queries(batch, turns, model.config.image_token_id)
+    assert rows.tolist() == [0, 0, 1]
+    for layer in language_model.layers:
+        attention = layer.self_attn
+        rows_only = train.attention_rows(*keep.kept[attention.layer_idx], rows, queries, attention.scaling)
+        expected = eager[attention.layer_idx][rows, :, queries].mean(dim=1)
+        torch.testing.assert_close(rows_only, expected, atol=1e-6, rtol=1e-4)
 
 
 def test_vision_heads_pool_each_object_and_score_its_shape():

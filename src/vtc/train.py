@@ -10,8 +10,8 @@ over the object asks for what the language model will need: an object's tokens, 
 
 Stage 2, instruction tuning (as LLaVA-1.5: vision tower frozen, projector and language model trained):
 next-token loss on the answers and their end tokens of up to `max_turns` questions about one image, plus
-a grounding loss on the attention from each answer's prompt position to the patches of the objects the
-question names. The frozen tower's features are computed once for all training images.
+a grounding loss on the attention (last two layers) from each answer's prompt position to the patches of
+the objects the question names. The frozen tower's features are computed once for all training images.
 
 The heads are discarded; the saved model is a plain `LlavaForConditionalGeneration`. Every `--eval-every`
 stage-2 steps it reports greedy-decoding accuracy per question family on the validation split, the way the
@@ -185,35 +185,75 @@ def training_batch(processor, turns: list[list[tuple[str, str, list[int]]]]) -> 
     return batch
 
 
-def grounding_loss(attentions, batch, turns, image_token_id: int, layers=(-2, -1)) -> torch.Tensor:
-    """-log of the attention share that each answer's last prompt token puts on its target patches.
+def answer_queries(batch, turns, image_token_id: int):
+    """Where each answer is predicted from and where it should look.
 
-    The share is over the image tokens, averaged over heads, in each of `layers`. The testbed records
-    which patches the objects a question names cover; telling the model where to look spares a model
-    trained from scratch the long "answer from priors" plateau. attentions: per layer [B, heads, L, L].
+    Returns rows [Q] and query positions [Q] (the prompt token before each answer), and bool [Q, L] masks of
+    the image tokens and of the target patches (the objects the question names) in the same sequence.
     """
     starts = (batch["labels"][:, 1:] != -100) & (batch["labels"][:, :-1] == -100)  # answer starts, shifted by one
-    rows, queries = [], []
-    length = batch["input_ids"].shape[1]
     image_mask = batch["input_ids"] == image_token_id
-    target_mask = torch.zeros(sum(len(t) for t in turns), length, dtype=torch.bool)
+    rows, queries, targets = [], [], []
     for b, image_turns in enumerate(turns):
         image_positions = image_mask[b].nonzero().flatten()
-        for (_, _, targets), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
-            target_mask[len(rows), image_positions[targets]] = True
+        for (_, _, patches), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
+            target = torch.zeros_like(image_mask[b])
+            target[image_positions[patches]] = True
             rows.append(b)
             queries.append(query)
-    rows, queries = torch.tensor(rows), torch.tensor(queries)
-    target_mask = target_mask[: len(rows)]
+            targets.append(target)
+    rows = torch.tensor(rows)
+    return rows, torch.tensor(queries), image_mask[rows], torch.stack(targets)
+
+
+def attention_rows(query: torch.Tensor, key: torch.Tensor, rows, queries, scaling: float) -> torch.Tensor:
+    """Head-averaged causal attention weights of a few query positions: [Q, L].
+
+    query, key: [B, H, L, d] after rotary embedding, as the attention kernel receives them (as many key as
+    query heads). Recomputing Q rows costs Q·L·d instead of the B·L·L of every layer's full eager map.
+    """
+    scores = torch.einsum("qhd,qhld->qhl", query[rows, :, queries], key[rows]) * scaling
+    future = torch.arange(key.shape[2])[None, :] > queries[:, None]  # [Q, L]
+    return scores.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
+
+
+def grounding_loss(shares: list[torch.Tensor], image_mask: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+    """-log of the share of the attention on the image that falls on the target patches, averaged.
+
+    shares: per supervised layer, [Q, L] attention weights of each answer's query (see `attention_rows`).
+    The testbed records which patches the objects a question names cover; telling the model where to look
+    spares a model trained from scratch the long "answer from priors" plateau.
+    """
     losses = []
-    for layer in layers:
-        # One gather per layer: indexing the [B, heads, L, L] tensor per query would make backward
-        # scatter into a full-size zero tensor for every query.
-        share = attentions[layer][rows, :, queries].mean(dim=1)  # [Q, L]
+    for share in shares:
         on_target = (share * target_mask).sum(dim=-1)
-        on_image = (share * image_mask[rows]).sum(dim=-1)
+        on_image = (share * image_mask).sum(dim=-1)
         losses.append(-torch.log(on_target / on_image + 1e-6))
     return torch.cat(losses).mean()
+
+
+class KeepQueriesAndKeys:
+    """An attention implementation: SDPA that also keeps each layer's (query, key) for `attention_rows`.
+
+    The grounding loss needs the attention weights of a handful of rows; eager attention would materialise
+    all of them in every layer, which makes a training step on 2 CPU cores about twice as slow.
+    """
+
+    name = "vtc_sdpa_keep_qk"
+
+    def __init__(self):
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        self.kept: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._sdpa = sdpa_attention_forward
+        AttentionInterface.register(self.name, self)
+        AttentionMaskInterface.register(self.name, sdpa_mask)
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.kept[module.layer_idx] = (query, key)
+        return self._sdpa(module, query, key, value, attention_mask, **kwargs)
 
 
 def train_language(
@@ -222,8 +262,9 @@ def train_language(
 ) -> list[dict]:  # fmt: skip
     """Stage 2: projector + language model on the answers. features: frozen tower output [N, 576, Dv]."""
     language_model = model.model.language_model
-    # Eager attention while training: the grounding loss needs the attention weights.
-    language_model.set_attn_implementation("eager")
+    keep = KeepQueriesAndKeys()
+    language_model.set_attn_implementation(keep.name)
+    grounded_layers = [layer.self_attn for layer in language_model.layers[-2:]]
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
@@ -240,10 +281,10 @@ def train_language(
         embeds = model.get_input_embeddings()(batch["input_ids"])
         visual = model.model.multi_modal_projector(features[chosen])
         embeds = embeds.masked_scatter((batch["input_ids"] == image_token_id)[..., None], visual)
-        output = model(
-            inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], output_attentions=True
-        )
-        ground = grounding_loss(output.attentions, batch, turns, image_token_id)
+        output = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
+        rows, queries, image_mask, target_mask = answer_queries(batch, turns, image_token_id)
+        shares = [attention_rows(*keep.kept[a.layer_idx], rows, queries, a.scaling) for a in grounded_layers]
+        ground = grounding_loss(shares, image_mask, target_mask)
         (output.loss + ground).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
@@ -253,7 +294,7 @@ def train_language(
         if step % evaluate_every == 0 or step == steps:
             language_model.set_attn_implementation("sdpa")
             scores = evaluate_accuracy(model, processor, validation_rows)
-            language_model.set_attn_implementation("eager")
+            language_model.set_attn_implementation(keep.name)
             history.append({"step": step, "loss": output.loss.item(), "ground": ground.item(), **scores})
             print(json.dumps(history[-1]), flush=True)
     language_model.set_attn_implementation("sdpa")
@@ -311,7 +352,7 @@ def train(
     eval_every: int,
     eval_samples: int,
     max_turns: int = 4,
-    vision_steps: int = 900,
+    vision_steps: int = 700,
     vision_batch_size: int = 64,
     vision_lr: float = 1.5e-3,
 ) -> dict:
@@ -361,7 +402,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500, help="stage-2 (answer) steps")
     parser.add_argument("--batch-size", type=int, default=32, help="images per stage-2 step")
     parser.add_argument("--lr", type=float, default=1.5e-3)
-    parser.add_argument("--vision-steps", type=int, default=900, help="stage-1 (vision) steps")
+    parser.add_argument("--vision-steps", type=int, default=700, help="stage-1 (vision) steps")
     parser.add_argument("--vision-batch-size", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
