@@ -39,7 +39,8 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"methods": {"full": {}, "tome_typo": {}}}, "config key 'methods.tome_typo': unknown method; registered: "),
+        ({"methods": {"full": {}, "tome_typo": {}}}, "config key 'methods.tome_typo': unknown method 'tome_typo'; registered: "),
+        ({"methods": {"full": {}, "grid": {"method": "clustr"}}}, "config key 'methods.grid.method': unknown method 'clustr'; registered: "),
         ({"budgets": [64, 700]}, "config key 'budgets': 700 is above the 576 visual tokens of model 'tiny'"),
         ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
         ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
@@ -96,7 +97,7 @@ def test_study_end_to_end_then_reruns_only_what_changed(tmp_path, tiny_model_dir
     result = snakemake(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    table = pl.read_parquet(tmp_path / "results/tables/results.parquet")
+    table = pl.read_parquet(tmp_path / "results/tables/shapes-demo/results.parquet")
     assert set(table.columns) >= {"dataset", "method", "budget", "metric", "value", "n", "relative_to_full"}
     accuracy = table.filter(pl.col("metric") == "accuracy")
     assert sorted(accuracy.select("method", "budget").rows()) == sorted(
@@ -105,8 +106,8 @@ def test_study_end_to_end_then_reruns_only_what_changed(tmp_path, tiny_model_dir
     recall = table.filter(pl.col("metric") == "target_recall")
     assert recall.filter(pl.col("method") == "full")["relative_to_full"].to_list() == [1.0]
     assert recall.filter(pl.col("method") == "pool")["relative_to_full"].to_list() == [1.0, 1.0]  # windows cover all
-    assert (tmp_path / "results/plots/accuracy_vs_tokens.png").stat().st_size > 1000
-    assert "| pool |" in (tmp_path / "results/tables/results.md").read_text()
+    assert (tmp_path / "results/plots/shapes-demo/accuracy_vs_tokens.png").stat().st_size > 1000
+    assert "| pool |" in (tmp_path / "results/tables/shapes-demo/results.md").read_text()
 
     # The encoder ran once, on every image; no evaluate job ran it again.
     manifest = json.loads((tmp_path / "results/encode/tiny/shapes/manifest.json").read_text())
@@ -166,6 +167,16 @@ def test_encoder_level_method_reduces_from_the_dataset_not_the_encode_cache(tmp_
     assert "threads: 2" in reduce_job
 
 
+def test_an_entry_can_run_a_registered_method_under_its_own_name(tmp_path, tiny_model_dir):
+    methods = {"full": {}, "cluster": {"iters": 2}, "cluster_grid": {"method": "cluster", "init": "grid", "iters": 1}}
+    write_config(tmp_path, tiny_model_dir, methods=methods, budgets=[16], shapes={"test": 8}, efficiency={"measure": False})
+    run = snakemake(tmp_path, "results/reduce/tiny/shapes/cluster_grid/16", "results/reduce/tiny/shapes/cluster/16")
+    assert run.returncode == 0, run.stderr[-2000:]
+    keys = {name: json.loads((tmp_path / f"results/reduce/tiny/shapes/{name}/16/manifest.json").read_text())["key"] for name in ("cluster", "cluster_grid")}
+    assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {"init": "grid", "iters": 1})
+    assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {"iters": 2})
+
+
 def test_paper_preset_plans_the_whole_study(tmp_path):
     plan = snakemake(tmp_path, "--configfile", str(REPO / "configs" / "paper.yaml"), "-n")
     assert plan.returncode == 0, plan.stderr[-2000:]
@@ -180,6 +191,7 @@ def test_paper_preset_runs_end_to_end_on_fixtures(tmp_path, tiny_model_dir):
     config_file.write_text(yaml.safe_dump(paper_config_on_fixtures(tiny_model_dir)))
     result = snakemake(tmp_path, "--configfile", str(config_file))
     assert result.returncode == 0, result.stderr[-3000:]
-    table = pl.read_parquet(tmp_path / "results/tables/results.parquet")
+    experiment = yaml.safe_load(config_file.read_text())["experiment"]
+    table = pl.read_parquet(tmp_path / f"results/tables/{experiment}/results.parquet")
     assert set(table["dataset"]) == set(yaml.safe_load(config_file.read_text())["datasets"])
     assert {"f1_mean", "total", "accuracy"} <= set(table["metric"])

@@ -7,28 +7,28 @@ rule aggregate:
         metrics=get_metrics_files(),
         measured=get_measured_files(),
     output:
-        parquet="results/tables/results.parquet",
-        csv="results/tables/results.csv",
+        parquet=f"{TABLES}/results.parquet",
+        csv=f"{TABLES}/results.csv",
         markdown=report(
-            "results/tables/results.md",
+            f"{TABLES}/results.md",
             caption="../report/results.rst",
             category="Results",
             labels={"figure": "table"},
         ),
         plot=report(
-            "results/plots/accuracy_vs_tokens.png",
+            f"{PLOTS}/accuracy_vs_tokens.png",
             caption="../report/plot.rst",
             category="Results",
             labels={"figure": "accuracy vs tokens"},
         ),
         pareto=report(
-            "results/plots/pareto.png",
+            f"{PLOTS}/pareto.png",
             caption="../report/pareto.rst",
             category="Results",
             labels={"figure": "accuracy vs cost"},
         ),
     log:
-        "logs/aggregate.log",
+        f"logs/aggregate/{config['experiment']}.log",
     conda:
         "../../envs/aggregate.yaml"
     threads: 1

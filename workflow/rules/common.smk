@@ -9,7 +9,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vtc.benchmarks import available_benchmarks
-from vtc.methods import available_methods, import_plugins, method_stage
+from vtc.methods import available_methods, import_plugins, method_entry, method_stage
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -30,9 +30,11 @@ def check_schema(config):
 def check_names(config):
     import_plugins(config.get("plugins", []))
     methods, benchmarks = available_methods(), available_benchmarks()
-    for method in config["methods"]:
+    for name, entry in config["methods"].items():
+        method, _ = method_entry(name, entry)
         if method not in methods:
-            raise ValueError(f"config key 'methods.{method}': unknown method; registered: {', '.join(methods)}")
+            key = f"methods.{name}.method" if method != name else f"methods.{name}"
+            raise ValueError(f"config key '{key}': unknown method {method!r}; registered: {', '.join(methods)}")
     for name, dataset in config["datasets"].items():
         if dataset["benchmark"] not in benchmarks:
             raise ValueError(
@@ -52,6 +54,10 @@ check_schema(config)
 validate(config, schema=SCHEMA)  # fills in the schema's defaults
 check_names(config)
 
+# Per experiment, so that a second study on the same results/ adds its tables instead of replacing them (the
+# per-run results below them are shared: the same model, dataset, method and budget are computed once).
+TABLES = f"results/tables/{config['experiment']}"
+PLOTS = f"results/plots/{config['experiment']}"
 MODELS = list(config["models"])
 DATASETS = list(config["datasets"])
 METHODS = list(config["methods"])
@@ -68,7 +74,7 @@ wildcard_constraints:
 
 def budgets_for(method, model):
     """`full` runs once, at the model's token count; every other method at each configured budget."""
-    if method == "full":
+    if registered_method(method) == "full":
         return [config["models"][model]["num_visual_tokens"]]
     return config["budgets"]
 
@@ -96,11 +102,11 @@ def get_final_outputs():
         get_metrics_files()
         + get_measured_files()
         + [
-            "results/tables/results.parquet",
-            "results/tables/results.csv",
-            "results/tables/results.md",
-            "results/plots/accuracy_vs_tokens.png",
-            "results/plots/pareto.png",
+            f"{TABLES}/results.parquet",
+            f"{TABLES}/results.csv",
+            f"{TABLES}/results.md",
+            f"{PLOTS}/accuracy_vs_tokens.png",
+            f"{PLOTS}/pareto.png",
         ]
     )
 
@@ -119,13 +125,22 @@ def get_model_files(wildcards):
     return [str(path / "config.json"), str(path / "model.safetensors")] if path.is_dir() else []
 
 
+def registered_method(name):
+    """The registered method that config entry `name` runs (see `vtc.methods.method_entry`)."""
+    return method_entry(name, config["methods"][name])[0]
+
+
+def get_registered_method(wildcards):
+    return registered_method(wildcards.method)
+
+
 def get_method_hparams(wildcards):
-    return config["methods"][wildcards.method] or {}
+    return method_entry(wildcards.method, config["methods"][wildcards.method])[1]
 
 
 def get_reduce_input(wildcards):
     """The encode cache; for an encoder-level method (ToMe), the dataset and the model it runs on instead."""
-    if method_stage(wildcards.method) == "encoder":
+    if method_stage(registered_method(wildcards.method)) == "encoder":
         return {
             "dataset": f"resources/datasets/{wildcards.dataset}.parquet",
             "model": get_model_files(wildcards),
@@ -139,7 +154,7 @@ def by_reduce_stage(tokens, encoder):
     wildcards."""
 
     def pick(wildcards):
-        value = encoder if method_stage(wildcards.method) == "encoder" else tokens
+        value = encoder if method_stage(registered_method(wildcards.method)) == "encoder" else tokens
         return value(wildcards) if callable(value) else value
 
     return pick
@@ -159,6 +174,7 @@ def run_info(wildcards):
         "model": wildcards.model,
         "dataset": wildcards.dataset,
         "method": wildcards.method,
+        "registered_method": registered_method(wildcards.method),
         "budget": int(wildcards.budget),
         "seed": config["seed"],
         "hparams": get_method_hparams(wildcards),

@@ -16,6 +16,7 @@ rule reduce:
         gpu=by_reduce_stage(0, gpus),
     params:
         model=get_model_config,
+        method=get_registered_method,
         hparams=get_method_hparams,
         seed=config["seed"],
         plugins=config["plugins"],

@@ -13,13 +13,13 @@ from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder
 torch.set_num_threads(snakemake.threads)
 import_plugins(snakemake.params.plugins)
 common = dict(
-    method=snakemake.wildcards.method,
+    method=snakemake.params.method,
     budget=int(snakemake.wildcards.budget),
     hparams=snakemake.params.hparams,
     out=Path(snakemake.output[0]),
     plugins=snakemake.params.plugins,
 )
-if method_stage(snakemake.wildcards.method) == "encoder":
+if method_stage(snakemake.params.method) == "encoder":
     manifest = reduce_in_encoder(
         dataset=Path(snakemake.input.dataset),
         model_cfg=snakemake.params.model,

@@ -111,6 +111,16 @@ def method_stage(name: str) -> str:
     return _STAGES[name]
 
 
+def method_entry(name: str, entry: dict | None) -> tuple[str, dict]:
+    """A `methods.<name>` config entry → (registered method name, hyperparameters).
+
+    An entry may run a registered method under a name of its own through a `method` key, so that several
+    settings of one method sit side by side in one study: `cluster_grid: {method: cluster, init: grid}`.
+    """
+    hparams = dict(entry or {})
+    return hparams.pop("method", name), hparams
+
+
 def available_methods() -> list[str]:
     _import_builtin_methods()
     return sorted(_REGISTRY)

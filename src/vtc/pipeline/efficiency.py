@@ -104,13 +104,14 @@ def measure(
     Each record's label is the config's method name, and the JSON names the config's model, so the records join
     the evaluate results on (model, method, budget)."""
     from vtc import bench
-    from vtc.methods import import_plugins, method_stage
+    from vtc.methods import import_plugins, method_entry, method_stage
 
     argv = bench_argv(model_cfg, budgets, settings, threads, seed, plugins)
     import_plugins(plugins)
     # vtc.bench times methods of the encode cache; one that merges inside the vision tower (ToMe) is not timed yet
-    encoder_level = [name for name in methods if method_stage(name) == "encoder"]
-    specs = [(name, name, hparams or {}) for name, hparams in methods.items() if name not in encoder_level]
+    entries = {name: method_entry(name, entry) for name, entry in methods.items()}
+    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) == "encoder"]
+    specs = [(name, method, hparams) for name, (method, hparams) in entries.items() if name not in encoder_level]
     result = bench.benchmark(bench.parse_args(argv), specs)
     result["model"] = model_name
     result["not_measured"] = encoder_level
