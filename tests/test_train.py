@@ -52,14 +52,19 @@ def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
     turns = [[("what color is the square ?", "blue", [0, 1, 2, 3])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    rows, queries, image_mask, target_mask = train.answer_queries(batch, turns, image_token_id)
+    rows, queries, target_mask = train.answer_queries(batch, turns, image_token_id)
     assert rows.tolist() == [0] and processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][0, queries[0]]]) == [":"]
-    assert image_mask.sum() == 576 and target_mask.sum() == 4
+    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
+    assert target_mask[0].nonzero().flatten().tolist() == image_positions[:4].tolist()
     length = batch["input_ids"].shape[1]
     uniform = torch.full((1, length), 1.0 / length)
-    assert train.grounding_loss([uniform], image_mask, target_mask).item() == pytest.approx(-math.log(4 / 576), rel=1e-4)
+    assert train.grounding_loss([uniform], target_mask).item() == pytest.approx(-math.log(4 / length), rel=1e-4)
     focused = target_mask.float() / 4
-    assert train.grounding_loss([focused, focused], image_mask, target_mask).item() == pytest.approx(0, abs=1e-5)
+    assert train.grounding_loss([focused, focused], target_mask).item() == pytest.approx(0, abs=1e-5)
+    # Half the attention on the text: the loss counts it as not looking, whatever the share within the image.
+    half = focused / 2
+    half[0, 1] = 0.5
+    assert train.grounding_loss([half], target_mask).item() == pytest.approx(math.log(2), rel=1e-4)
 
 
 def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):
@@ -75,7 +80,7 @@ def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, proces
         keep = train.KeepQueriesAndKeys()
         language_model.set_attn_implementation(keep.name)
         language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-    rows, queries, _, _ = train.answer_queries(batch, turns, model.config.image_token_id)
+    rows, queries, _ = train.answer_queries(batch, turns, model.config.image_token_id)
     assert rows.tolist() == [0, 0, 1]
     for layer in language_model.layers:
         attention = layer.self_attn
