@@ -15,8 +15,19 @@ shared encode cache. It registers with `stage="encoder"` and runs the model's vi
     @register_method("name", stage="encoder")
     def method(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor, budget: int, **hparams) -> Reduced
 
+A method that prunes inside the language model (FastV, DART) registers with `stage="llm"`. It is a pure selection
+function that the pruning decoder loop (`vtc.models.inllm`) calls once per batch at its prune layer K (a keyword
+hyperparameter `layer` with a default) with what the model computed up to there:
+
+    @register_method("name", stage="llm")
+    def method(state: LayerState, keep: int, *, layer: int = 2, **hparams) -> torch.Tensor  # [B, keep]
+
+It returns, per row, the indices (into the row's N image tokens, ascending) of the image tokens that layers K …
+process; its `reduce` job is the identity (all N tokens) and the pruning happens when the answers are generated.
+
 `method_stage(name)` tells the pipeline which kind a method is: a "tokens" method reduces the encode cache, an
-"encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`).
+"encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`), an "llm"
+method keeps every token in `reduce` and prunes inside the language model at answer time.
 """
 
 from __future__ import annotations
@@ -78,10 +89,36 @@ class Method(Protocol):
     def __call__(self, tokens: VisualTokens, budget: int, **hparams) -> Reduced: ...
 
 
+@dataclass(frozen=True)
+class LayerState:
+    """What an in-LLM method (stage="llm") sees at its prune layer K, for a batch of B left-padded rows of L positions
+    whose image tokens are N per row.
+
+    hidden:          [B, L, D] output of layer K − 1 (the input of layer K), before the final norm.
+    normed:          [B, L, D] the same through the language model's final RMSNorm (DART's `last_layer_state`).
+    keys:            [B, H_kv, L, d] keys of layer K − 1 after RoPE, as the KV cache holds them.
+    last_attention:  [B, L] attention weights of each row's last prompt token at layer K − 1, averaged over heads
+                     (softmax(q·kᵀ·scaling) over the row's valid positions; recomputed from the query of that one
+                     token and the cached keys, so the model keeps its fused attention kernel).
+    image:           [B, N] int64 positions of each row's image tokens, ascending.
+    text:            [B, L] bool, valid positions that are not image tokens.
+    valid:           [B, L] bool, the attention mask (False on left padding).
+    """
+
+    hidden: torch.Tensor
+    normed: torch.Tensor
+    keys: torch.Tensor
+    last_attention: torch.Tensor
+    image: torch.Tensor
+    text: torch.Tensor
+    valid: torch.Tensor
+
+
 _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
-# "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself.
-STAGES = ("tokens", "encoder")
+# "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself;
+# "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices).
+STAGES = ("tokens", "encoder", "llm")
 
 
 def register_method(name: str, *, stage: str = "tokens") -> Callable[[Method], Method]:
@@ -106,7 +143,8 @@ def get_method(name: str) -> Method:
 
 
 def method_stage(name: str) -> str:
-    """"tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself."""
+    """"tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself, "llm" for one
+    that prunes inside the language model."""
     get_method(name)
     return _STAGES[name]
 

@@ -133,9 +133,20 @@ def splice_visual_tokens(
     Each prompt holds one `<image>` placeholder, replaced by that sample's visual tokens [k_b, D]; k may
     differ across samples.
     """
+    inputs_embeds, attention_mask, _ = splice_with_image_mask(model, tokenizer, prompts, visual_tokens)
+    return inputs_embeds, attention_mask
+
+
+def splice_with_image_mask(
+    model: LlavaForConditionalGeneration,
+    tokenizer,
+    prompts: list[str],
+    visual_tokens: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`splice_visual_tokens`, and image_mask [B, L] bool: the positions the visual tokens landed on."""
     image_token_id = model.config.image_token_id
     embed = model.get_input_embeddings()
-    sequences = []
+    sequences, starts = [], []
     for prompt, visual in zip(prompts, visual_tokens):
         ids = torch.tensor(tokenizer(prompt, add_special_tokens=True)["input_ids"], device=model.device)
         where = (ids == image_token_id).nonzero().flatten().tolist()
@@ -144,14 +155,18 @@ def splice_visual_tokens(
         text = embed(ids)
         visual = visual.to(text.device, text.dtype)
         sequences.append(torch.cat([text[: where[0]], visual, text[where[0] + 1 :]]))
+        starts.append(where[0])
     length = max(len(s) for s in sequences)
     width = sequences[0].shape[-1]
     inputs_embeds = sequences[0].new_zeros(len(sequences), length, width)
     attention_mask = torch.zeros(len(sequences), length, dtype=torch.long, device=model.device)
-    for row, sequence in enumerate(sequences):
-        inputs_embeds[row, length - len(sequence) :] = sequence
-        attention_mask[row, length - len(sequence) :] = 1
-    return inputs_embeds, attention_mask
+    image_mask = torch.zeros(len(sequences), length, dtype=torch.bool, device=model.device)
+    for row, (sequence, start, visual) in enumerate(zip(sequences, starts, visual_tokens)):
+        offset = length - len(sequence)
+        inputs_embeds[row, offset:] = sequence
+        attention_mask[row, offset:] = 1
+        image_mask[row, offset + start : offset + start + len(visual)] = True
+    return inputs_embeds, attention_mask, image_mask
 
 
 @dataclass
@@ -201,6 +216,34 @@ def generate_ids(
     # the mask covers each row's text and visual tokens: what is not visual is text
     text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
     return Generation(ids, text_tokens, generated_lengths(ids, model.generation_config.eos_token_id))
+
+
+@torch.no_grad()
+def generate_ids_pruned(
+    model: LlavaForConditionalGeneration,
+    processor,
+    prompts: list[str],
+    visual_tokens: list[torch.Tensor],
+    max_new_tokens: int,
+    plan,
+) -> Generation:
+    """`generate_ids` for a method that prunes inside the language model (`vtc.models.inllm`): the prompts get all
+    N visual tokens, and the method's `plan` (`inllm.plan`) drops image tokens before its layer K."""
+    from vtc.models import inllm
+
+    inputs_embeds, attention_mask, image_mask = splice_with_image_mask(model, processor.tokenizer, prompts, visual_tokens)
+    output = inllm.generate_pruned(
+        model,
+        inputs_embeds,
+        attention_mask,
+        image_mask,
+        plan,
+        max_new_tokens,
+        eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
+    return Generation(output.ids, text_tokens, generated_lengths(output.ids, model.generation_config.eos_token_id))
 
 
 def decode(processor, ids: torch.Tensor) -> list[str]:
