@@ -1,5 +1,7 @@
 """The in-LLM pruning decoder loop (`vtc.models.inllm`) against transformers' own greedy `generate`."""
 
+import json
+
 import pytest
 import torch
 
@@ -64,3 +66,44 @@ def test_fastv_keeps_the_tokens_eager_attention_ranks_first(loaded):
     last_row = attentions[plan.layer - 1][0].mean(dim=0)[-1]  # [L]
     expected = last_row[image_mask[0]].topk(2).indices.sort().values
     assert kept[0].tolist() == expected.tolist()
+
+
+def test_fastv_run_through_the_pipeline_records_its_per_layer_tokens(tiny_model_dir, shapes_dir, tmp_path):
+    from vtc.pipeline.efficiency import predicted_cost
+    from vtc.pipeline.encode import encode_dataset, expected_encode_key
+    from vtc.pipeline.evaluate import evaluate, generate_predictions
+    from vtc.pipeline.prepare import prepare_dataset
+    from vtc.pipeline.reduce import reduce_dataset
+
+    model_cfg = {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
+    dataset = tmp_path / "shapes.parquet"
+    prepare_dataset("shapes", str(shapes_dir), "test", None, 5, 0, dataset)
+    encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=8)
+    # budget 400 = the layer average on the 4-layer model: layers 0, 1 see 576, layers 2, 3 see (4*400 - 2*576)/2
+    manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "fastv", 400, {}, 0, tmp_path / "r")
+    assert manifest["num_tokens"] == [576]  # the LLM gets every token; it prunes them itself
+    predictions, stats = tmp_path / "0.jsonl", tmp_path / "0.json"
+    generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 5, 0, 1, predictions, stats)
+    run_info = {"model": "tiny", "dataset": "shapes", "method": "fastv", "budget": 400}
+    wandb = {"mode": "disabled", "group": "test", "dir": str(tmp_path)}
+    evaluate(
+        dataset, "shapes", tmp_path / "r", [predictions], [stats], tmp_path / "p.jsonl", tmp_path / "m.json",
+        run_info, model_cfg, wandb, "H100",
+    )  # fmt: skip
+    assert sum(1 for _ in open(tmp_path / "p.jsonl")) == 5
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["in_llm"]["visual_tokens_per_layer"] == [576, 576, 224, 224]
+    assert metrics["in_llm"]["visual_tokens_after_pruning"] == 224 and metrics["in_llm"]["prune_layer"] == 2
+    assert metrics["in_llm"]["visual_tokens_layer_avg"] == 400 and metrics["in_llm"]["positions"] == "original"
+    assert metrics["attn_implementation"] == "sdpa" and metrics["vision_tower_calls"] == 0
+    assert metrics["cost"]["kind"] == "in-LLM" and metrics["cost"]["visual_tokens_per_layer"] == [576, 576, 224, 224]
+    assert metrics["cost"]["visual_tokens_layer_avg"] == 400
+    text_mean = metrics["cost"]["text_tokens_mean"]
+    pre_llm = predicted_cost(model_cfg_text(tiny_model_dir), "float32", 576, text_mean, 1, "H100")
+    assert metrics["cost"]["prefill_flops"] < pre_llm["prefill_flops"]  # fewer tokens in layers 2, 3 than `full`
+
+
+def model_cfg_text(path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).text_config

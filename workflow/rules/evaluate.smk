@@ -20,6 +20,7 @@ rule generate:
         benchmark=get_benchmark_name,
         num_shards=get_num_shards,
         settings=config["evaluate"],
+        plugins=config["plugins"],
     script:
         "../scripts/generate.py"
 

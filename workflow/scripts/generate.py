@@ -20,5 +20,6 @@ stats = generate_predictions(
     num_shards=snakemake.params.num_shards,
     predictions_path=Path(snakemake.output.predictions),
     stats_path=Path(snakemake.output.stats),
+    plugins=snakemake.params.plugins,
 )
 print(json.dumps(stats), file=sys.stderr)

@@ -31,9 +31,13 @@ def predicted_cost(
     text_tokens_mean: float,
     new_tokens_mean: float,
     device_preset: str,
+    visual_tokens_per_layer: list[int] | None = None,
 ) -> dict:
     """`vtc.cost.estimate` for one request of the run: `text_tokens_mean` prompt tokens besides the image,
     `visual_tokens` (k) spliced in, `new_tokens_mean` generated (the first by prefill), batch 1.
+
+    A method that prunes inside the LLM passes the visual tokens each decoder layer processes
+    (`visual_tokens_per_layer`, kind "in-LLM"); otherwise every layer sees the k spliced tokens (kind "pre-LLM").
 
     The cost model takes whole tokens, so the means are rounded to the nearest integer ("request_*" below); the
     figures are those of a request of mean length, which differs from the mean of per-request costs only by the
@@ -44,14 +48,17 @@ def predicted_cost(
             f"config key 'efficiency.device_preset': {device_preset!r} is not one of {sorted(cost.PRESETS)}"
         )
     shape = cost.ModelShape.from_text_config(text_cfg, bytes_per_param=llava.DTYPES[dtype].itemsize)
-    # Every method registered today reduces before the LLM, so each decoder layer sees the k spliced tokens.
-    # A method that prunes inside the LLM (FastV-style) must report its own per-layer counts here instead.
-    per_layer = cost.visual_tokens_per_layer_for("pre-LLM", visual_tokens, shape.num_layers)
+    if visual_tokens_per_layer is None:  # reduced before the LLM: each decoder layer sees the k spliced tokens
+        kind, per_layer = "pre-LLM", cost.visual_tokens_per_layer_for("pre-LLM", visual_tokens, shape.num_layers)
+    else:
+        kind, per_layer = "in-LLM", list(visual_tokens_per_layer)
+        if len(per_layer) != shape.num_layers:
+            raise ValueError(f"{len(per_layer)} per-layer visual token counts for a {shape.num_layers}-layer model")
     text_tokens, new_tokens = round(text_tokens_mean), round(new_tokens_mean)
     device = cost.PRESETS[device_preset]
     estimate = cost.estimate(shape, text_tokens, per_layer, new_tokens, device)
     return {
-        "kind": "pre-LLM",
+        "kind": kind,
         "text_tokens_mean": text_tokens_mean,
         "new_tokens_mean": new_tokens_mean,
         "request_text_tokens": text_tokens,
@@ -108,9 +115,10 @@ def measure(
 
     argv = bench_argv(model_cfg, budgets, settings, threads, seed, plugins)
     import_plugins(plugins)
-    # vtc.bench times methods of the encode cache; one that merges inside the vision tower (ToMe) is not timed yet
+    # vtc.bench times methods of the encode cache; one that merges inside the vision tower (ToMe) or prunes inside the
+    # LLM (FastV, DART) is not timed yet
     entries = {name: method_entry(name, entry) for name, entry in methods.items()}
-    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) == "encoder"]
+    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) in ("encoder", "llm")]
     specs = [(name, method, hparams) for name, (method, hparams) in entries.items() if name not in encoder_level]
     result = bench.benchmark(bench.parse_args(argv), specs)
     result["model"] = model_name

@@ -19,14 +19,16 @@ from tqdm import tqdm
 
 from vtc.benchmarks import get_benchmark, read_common_parquet
 from vtc.cache import Store, unpack_bool
-from vtc.models import llava
+from vtc.methods import import_plugins, method_stage
+from vtc.models import inllm, llava
 from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.tracking import wandb_run
 
 
-def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int):
+def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int, plan=None):
     """Yields (row, prediction, reduced-token sources, text tokens, generated tokens) for the rows of this shard,
-    one cache shard at a time."""
+    one cache shard at a time. With an in-LLM method's `plan` (`vtc.models.inllm.plan`) the answers come from the
+    pruning decoder loop; the sources are then those of the N tokens the LLM gets (before it prunes)."""
     rows_by_image = defaultdict(list)
     for row in rows:
         rows_by_image[row["image_id"]].append(row)
@@ -42,7 +44,10 @@ def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, s
             batch = pending[start : start + batch_size]
             prompts = [llava.user_turn(processor, benchmark.prompt(row)) for row, _ in batch]
             visual = [tensors["tokens"][i] for _, i in batch]
-            generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
+            if plan is None:
+                generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
+            else:
+                generation = llava.generate_ids_pruned(model, processor, prompts, visual, benchmark.max_new_tokens, plan)
             predictions = llava.decode(processor, generation.ids)
             for (row, i), prediction, text_tokens, new_tokens in zip(
                 batch, predictions, generation.text_tokens, generation.new_tokens
@@ -56,6 +61,27 @@ def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
     if not targets:
         return None
     return sources.any(dim=0)[targets].float().mean().item()
+
+
+def in_llm_record(plan) -> dict:
+    """What metrics.json records of an in-LLM method's run (`vtc.models.inllm.Plan`)."""
+    return {
+        "prune_layer": plan.layer,
+        "visual_tokens_after_pruning": plan.keep,
+        "visual_tokens_per_layer": plan.per_layer,
+        "visual_tokens_layer_avg": plan.layer_average,
+        "budget_mode": plan.budget_mode,
+        "positions": plan.positions,
+        # the model keeps its kernel; the attention rows a method needs are recomputed from queries and cached keys
+        "attention_weights": "recomputed (last prompt token's query x cached keys of layer K-1)",
+    }
+
+
+def _in_llm(stats: list[dict]) -> dict | None:
+    records = {json.dumps(s.get("in_llm"), sort_keys=True) for s in stats}
+    if len(records) != 1:
+        raise ValueError("the generate shards of one run disagree on the in-LLM pruning plan")
+    return json.loads(records.pop())
 
 
 def _attention_implementation(stats: list[dict]) -> str:
@@ -76,10 +102,25 @@ def generate_predictions(
     num_shards: int,
     predictions_path: Path,
     stats_path: Path,
+    plugins: list[str] = (),
 ) -> dict:
+    """Answers of one shard. For a method that prunes inside the LLM (stage "llm", read from the reduce store's key)
+    the stats also get `in_llm`: its prune layer, the tokens kept after it, the visual tokens each decoder layer
+    processes and their layer average."""
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
     model, processor = llava.load_from_config(model_cfg)
+    import_plugins(list(plugins))
+    key = store.manifest["key"]
+    plan = None
+    if method_stage(key["method"]) == "llm":
+        plan = inllm.plan(
+            key["method"],
+            key["budget"],
+            key["hparams"],
+            model.config.text_config.num_hidden_layers,
+            store.manifest["num_patches"],
+        )
     vision_tower_calls = 0
 
     def count_calls(module, args, output):
@@ -92,7 +133,7 @@ def generate_predictions(
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
     count = text_tokens = new_tokens = 0
-    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards)
+    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards, plan)
     with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
         for row, prediction, sources, row_text_tokens, row_new_tokens in answers:
             meta = json.loads(row["meta"] or "{}")
@@ -111,6 +152,8 @@ def generate_predictions(
         "new_tokens": new_tokens,
         "attn_implementation": llava.attention_implementation(model),
     }
+    if plan is not None:
+        stats["in_llm"] = in_llm_record(plan)
     stats_path.write_text(json.dumps(stats))
     return stats
 
@@ -148,6 +191,7 @@ def evaluate(
         metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
     attn_implementation = _attention_implementation(stats)
     visual_tokens = max(store.manifest["num_tokens"])  # one k per run: the store holds one [images, k, D] tensor
+    in_llm = _in_llm(stats)
     run_cost = predicted_cost(
         text_config(model_cfg),
         model_cfg["dtype"],
@@ -155,6 +199,7 @@ def evaluate(
         text_tokens_mean=sum(s["text_tokens"] for s in stats) / len(records),
         new_tokens_mean=sum(s["new_tokens"] for s in stats) / len(records),
         device_preset=device_preset,
+        visual_tokens_per_layer=in_llm["visual_tokens_per_layer"] if in_llm else None,
     )
     result = {
         **run_info,
@@ -169,6 +214,8 @@ def evaluate(
         "attn_implementation": attn_implementation,
         "cost": run_cost,
     }
+    if in_llm:
+        result["in_llm"] = in_llm
     name = "/".join(str(run_info[k]) for k in ("model", "dataset", "method", "budget"))
     config = {
         **run_info,

@@ -2,7 +2,8 @@
 
 A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`). An "encoder" method (ToMe) changes
 the vision tower itself, so `reduce_in_encoder` loads the model and the dataset's images and runs the method on
-the pixels. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
+the pixels. An "llm" method (FastV, DART) prunes inside the language model: its reduce is the identity (`full`'s N
+tokens, keyed by the method, budget and hyperparameters) and `generate` prunes. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
 manifest with num_images, num_patches, num_tokens and reduce_seconds, which is all `generate` reads.
 """
 
@@ -31,9 +32,11 @@ def reduce_dataset(
     plugins: list[str] = (),
 ) -> dict:
     import_plugins(list(plugins))
-    reducer = get_method(method)
-    if method_stage(method) != "tokens":
+    stage = method_stage(method)
+    if stage == "encoder":
         raise ValueError(f"method {method!r} runs inside the vision encoder: reduce it with reduce_in_encoder")
+    # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated.
+    reducer = get_method("full" if stage == "llm" else method)
     store = Store.open(encoded, expected_key)
     grid = tuple(store.manifest["grid"])
     key = {"encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed}
