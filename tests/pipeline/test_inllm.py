@@ -107,3 +107,10 @@ def model_cfg_text(path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(path).text_config
+
+
+def test_tables_count_an_in_llm_run_at_its_layer_average():
+    from vtc.pipeline.aggregate import visual_tokens
+
+    assert visual_tokens({"num_visual_tokens": [576], "in_llm": {"visual_tokens_layer_avg": 191.625}}) == 192
+    assert visual_tokens({"num_visual_tokens": [64]}) == 64

@@ -86,7 +86,7 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
             rows.append(
                 {
                     **{k: result[k] for k in KEYS},
-                    "tokens": max(result["num_visual_tokens"]),
+                    "tokens": visual_tokens(result),
                     "metric": metric,
                     "metric_rank": rank,
                     "value": float(value),
@@ -108,6 +108,14 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
     )
 
 
+def visual_tokens(result: dict) -> int:
+    """The visual tokens of a run as the tables count them: the layer average of an in-LLM method (which splices all
+    N and prunes inside the LLM), else the k it spliced (the same at every layer)."""
+    if result.get("in_llm"):
+        return round(result["in_llm"]["visual_tokens_layer_avg"])
+    return max(result["num_visual_tokens"])
+
+
 def headline_metric(table: pl.DataFrame, dataset: str) -> str:
     """The benchmark's first reported metric (scorers put the headline first); never a cost."""
     scores = table.filter((pl.col("dataset") == dataset) & IS_SCORE)
@@ -124,6 +132,9 @@ def markdown(table: pl.DataFrame) -> str:
         full = part.filter(pl.col("method") == "full")["value"]
         lines = [
             f"### {dataset} — {model} — {metric}",
+            "",
+            "Budgets are visual tokens averaged over the LLM's layers: methods that reduce before the LLM feed that many to "
+            "every layer; in-LLM methods (fastv, dart) feed all of them to the layers before they prune and fewer after.",
             "",
             "| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
             "|---|" + "---:|" * len(budgets),
