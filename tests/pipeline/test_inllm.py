@@ -50,6 +50,26 @@ def test_pruned_batch_generates_what_each_row_does_alone(loaded, method, positio
         assert torch.equal(alone.kept[0], batch.kept[row])
 
 
+def test_eager_attention_gets_additive_masks_and_the_same_ids(loaded):
+    model, processor, prompts, visual = loaded
+    language_model = model.model.language_model
+    language_model.set_attn_implementation("eager")
+    try:
+        reference = llava.generate_ids(model, processor, prompts, visual, max_new_tokens=3)
+        plan = inllm.plan("fastv", N, {}, 4, N)
+        assert torch.equal(llava.generate_ids_pruned(model, processor, prompts, visual, 3, plan).ids, reference.ids)
+    finally:
+        language_model.set_attn_implementation("sdpa")
+    mask = inllm.causal_mask(torch.tensor([[False, True, True]]), 3, "eager", torch.float32)
+    assert mask.dtype == torch.float32 and mask[0, 0, 2].tolist() == [torch.finfo(torch.float32).min, 0.0, 0.0]
+    assert inllm.causal_mask(torch.tensor([[False, True]]), 2, "sdpa", torch.float32)[0, 0].tolist() == [
+        [True, False],  # a padding query attends to itself only (no all-masked row)
+        [False, True],
+    ]
+    with pytest.raises(NotImplementedError, match="flash_attention_2"):
+        inllm.causal_mask(torch.tensor([[True]]), 1, "flash_attention_2", torch.float32)
+
+
 def test_fastv_keeps_the_tokens_eager_attention_ranks_first(loaded):
     """The tokens FastV keeps are the top 2 of the last prompt token's head-averaged attention at layer K-1 in an
     eager forward of the full prompt (the reference's source of weights), though the loop runs on SDPA."""

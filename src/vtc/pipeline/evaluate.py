@@ -228,6 +228,7 @@ def evaluate(
         "device_preset": device_preset,
         "num_visual_tokens": store.manifest["num_tokens"],
         "reduce_key": store.manifest["key"],
+        "in_llm": in_llm,
     }
     with wandb_run(wandb_settings, job_type="evaluate", name=name, config=config) as run:
         run.summary.update({**metrics, "n": len(records), "vision_tower_calls": result["vision_tower_calls"]})
