@@ -157,7 +157,7 @@ def test_tome_is_an_encoder_level_method():
     assert method_stage("tome") == "encoder"
     assert method_stage("pool") == "tokens"
     with pytest.raises(ValueError, match="stage of method 'x' must be one of"):
-        register_method("x", stage="llm")
+        register_method("x", stage="vision")
 
 
 @pytest.fixture(scope="module")
