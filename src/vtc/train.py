@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtc.benchmarks import read_common_parquet
 from vtc.data import shapes
@@ -353,6 +354,7 @@ def train(
     vision_steps: int = 500,
     vision_batch_size: int = 64,
     vision_lr: float = 1.5e-3,
+    init_from: Path | None = None,
 ) -> dict:
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -360,12 +362,19 @@ def train(
     columns = ["image", "question", "answers", "family"]
     images = training_images(splits["train"])
     validation_rows = list(splits["validation"].select_columns(columns))[:eval_samples]
-    processor = build_processor()
-    model = build_model(processor, seed=seed)
+    if init_from is None:
+        processor = build_processor()
+        model = build_model(processor, seed=seed)
+    else:
+        processor = AutoProcessor.from_pretrained(init_from)
+        model = LlavaForConditionalGeneration.from_pretrained(init_from)
     model.train()
     started = time.time()
     pixels = processor.image_processor(images=[i.image for i in images], return_tensors="pt")["pixel_values"]
-    vision_history = train_vision(model, pixels, [i.meta for i in images], vision_steps, vision_batch_size, vision_lr, rng)
+    vision_history = []
+    if vision_steps > 0:
+        metas = [i.meta for i in images]
+        vision_history = train_vision(model, pixels, metas, vision_steps, vision_batch_size, vision_lr, rng)
     vision_minutes = (time.time() - started) / 60
     features = frozen_features(model, pixels)
     del pixels
@@ -377,6 +386,7 @@ def train(
     processor.save_pretrained(out_dir)
     test_rows = list(splits["test"].select_columns(columns))
     report = {
+        "init_from": None if init_from is None else str(init_from),
         "vision": {"steps": vision_steps, "batch_size": vision_batch_size, "lr": vision_lr, "minutes": vision_minutes},
         "steps": steps,
         "batch_size": batch_size,
@@ -400,7 +410,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="stage-2 (answer) steps")
     parser.add_argument("--batch-size", type=int, default=32, help="images per stage-2 step")
     parser.add_argument("--lr", type=float, default=1.5e-3)
-    parser.add_argument("--vision-steps", type=int, default=500, help="stage-1 (vision) steps")
+    parser.add_argument("--vision-steps", type=int, default=500, help="stage-1 (vision) steps; 0 skips stage 1")
     parser.add_argument("--vision-batch-size", type=int, default=64)
     parser.add_argument("--vision-lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -408,11 +418,14 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=256)
     parser.add_argument("--max-turns", type=int, default=4, help="questions per image in one training sequence")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--init-from", type=Path, help="continue from a saved checkpoint (e.g. with --vision-steps 0) instead of random weights"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     train(
         args.data, args.out, args.steps, args.batch_size, args.lr, args.seed, args.eval_every, args.eval_samples,
-        args.max_turns, args.vision_steps, args.vision_batch_size, args.vision_lr,
+        args.max_turns, args.vision_steps, args.vision_batch_size, args.vision_lr, args.init_from,
     )  # fmt: skip
 
 
