@@ -40,7 +40,7 @@ def test_answer_mask_covers_answers_and_their_end_tokens_only():
 
 
 def test_training_batch_expands_the_image_and_labels_each_answer(processor):
-    turns = [[("is there a red circle ?", "yes", [0]), ("how many squares are there ?", "2", [1])], [("what color is the square ?", "blue", [2])]]
+    turns = [[("is there a red circle ?", "yes", [[0]]), ("how many squares are there ?", "2", [[1]])], [("what color is the square ?", "blue", [[2]])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert ((batch["input_ids"] == image_token_id).sum(dim=1) == 576).all()
@@ -49,22 +49,61 @@ def test_training_batch_expands_the_image_and_labels_each_answer(processor):
 
 
 def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
-    turns = [[("what color is the square ?", "blue", [0, 1, 2, 3])]]
+    turns = [[("what color is the square ?", "blue", [[0, 1, 2, 3]])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    rows, queries, target_mask = train.answer_queries(batch, turns, image_token_id)
+    rows, queries, target_mask = train.answer_queries(batch, turns, image_token_id, num_heads=2)
     assert rows.tolist() == [0] and processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][0, queries[0]]]) == [":"]
     image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
-    assert target_mask[0].nonzero().flatten().tolist() == image_positions[:4].tolist()
+    for head in range(2):
+        assert target_mask[0, head].nonzero().flatten().tolist() == image_positions[:4].tolist()
     length = batch["input_ids"].shape[1]
-    uniform = torch.full((1, length), 1.0 / length)
+    uniform = torch.full((1, 2, length), 1.0 / length)
     assert train.grounding_loss([uniform], target_mask).item() == pytest.approx(-math.log(4 / length), rel=1e-4)
     focused = target_mask.float() / 4
     assert train.grounding_loss([focused, focused], target_mask).item() == pytest.approx(0, abs=1e-5)
     # Half the attention on the text: the loss counts it as not looking, whatever the share within the image.
     half = focused / 2
-    half[0, 1] = 0.5
+    half[0, :, 1] = 0.5
     assert train.grounding_loss([half], target_mask).item() == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(processor):
+    objects = [
+        {"shape": "square", "color": "red", "patches": [5, 6]},
+        {"shape": "circle", "color": "red", "patches": [40]},
+        {"shape": "circle", "color": "blue", "patches": [80, 81, 82]},
+    ]
+    # "square" is the only square, "blue object" the only blue one, "red circle" the only red circle
+    assert train.relation_targets("where is the square relative to the blue object ?", objects) == [[5, 6], [80, 81, 82]]
+    assert train.relation_targets("where is the red circle relative to the square ?", objects) == [[40], [5, 6]]
+    with pytest.raises(ValueError, match="'circle' names 2 objects"):
+        train.relation_targets("where is the circle relative to the square ?", objects)
+
+    turns = [[("where is the red circle relative to the square ?", "below", [[40], [5, 6]])]]
+    batch = train.training_batch(processor, turns)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    _, _, target_mask = train.answer_queries(batch, turns, image_token_id, num_heads=4)
+    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
+    looked_at = [target_mask[0, head].nonzero().flatten().tolist() for head in range(4)]
+    first, second = image_positions[[40]].tolist(), image_positions[[5, 6]].tolist()
+    assert looked_at == [first, first, second, second]
+    # heads 0-1 all on the red circle, heads 2-3 half on the square: share 0.75, whatever the union would say
+    shares = torch.zeros(1, 4, batch["input_ids"].shape[1])
+    shares[0, :2, first[0]] = 1.0
+    shares[0, 2:, second[0]] = 0.5
+    shares[0, 2:, first[0]] = 0.5
+    assert train.grounding_loss([shares], target_mask).item() == pytest.approx(-math.log(0.75), rel=1e-4)
+    with pytest.raises(ValueError, match="3 heads do not split into 2 equal groups"):
+        train.answer_queries(batch, turns, image_token_id, num_heads=3)
+
+
+def test_every_relation_question_of_the_testbed_names_two_objects_found_in_its_scene():
+    images = train.training_images(shapes.generate_split(400, seed=0, split="train"))
+    relations = [turn for image in images for turn in image.turns if turn[0].startswith("where is")]
+    assert len(relations) > 50
+    for _, _, groups in relations:
+        assert len(groups) == 2 and all(groups) and groups[0] != groups[1]  # objects may overlap, not coincide
 
 
 def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):
@@ -72,7 +111,7 @@ def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, proces
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
     language_model = model.model.language_model
-    turns = [[("is there a red circle ?", "yes", [0]), ("how many squares are there ?", "2", [1])], [("what shape is the red object ?", "square", [2])]]
+    turns = [[("is there a red circle ?", "yes", [[0]]), ("how many squares are there ?", "2", [[1]])], [("what shape is the red object ?", "square", [[2]])]]
     batch = train.training_batch(processor, turns)
     embeds = model.get_input_embeddings()(batch["input_ids"])
     with torch.no_grad():
@@ -80,12 +119,12 @@ def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, proces
         keep = train.KeepQueriesAndKeys()
         language_model.set_attn_implementation(keep.name)
         language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
-    rows, queries, _ = train.answer_queries(batch, turns, model.config.image_token_id)
+    rows, queries, _ = train.answer_queries(batch, turns, model.config.image_token_id, language_model.config.num_attention_heads)
     assert rows.tolist() == [0, 0, 1]
     for layer in language_model.layers:
         attention = layer.self_attn
         rows_only = train.attention_rows(*keep.kept[attention.layer_idx], rows, queries, attention.scaling)
-        expected = eager[attention.layer_idx][rows, :, queries].mean(dim=1)
+        expected = eager[attention.layer_idx][rows, :, queries]
         torch.testing.assert_close(rows_only, expected, atol=1e-6, rtol=1e-4)
 
 
@@ -126,3 +165,9 @@ def test_two_stage_training_saves_a_loadable_model_and_a_report(tmp_path):
     assert [h["step"] for h in saved["vision_history"]] == [2] and [h["step"] for h in saved["history"]] == [2]
     model = LlavaForConditionalGeneration.from_pretrained(tmp_path / "model")
     assert model.config.text_config._attn_implementation == "sdpa"
+    # each evaluation leaves a checkpoint, from which a run continues without stage 1
+    continued = train.train(
+        tmp_path, tmp_path / "continued", steps=2, batch_size=2, lr=1e-3, seed=0, eval_every=2, eval_samples=4,
+        vision_steps=0, init_from=tmp_path / "model" / "checkpoint",
+    )  # fmt: skip
+    assert continued["init_from"] == str(tmp_path / "model" / "checkpoint") and continued["vision_history"] == []

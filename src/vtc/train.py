@@ -11,7 +11,9 @@ over the object asks for what the language model will need: an object's tokens, 
 Stage 2, instruction tuning (as LLaVA-1.5: vision tower frozen, projector and language model trained):
 next-token loss on the answers and their end tokens of up to `max_turns` questions about one image, plus
 a grounding loss on the attention (last two layers) from each answer's prompt position to the patches of
-the objects the question names. The frozen tower's features are computed once for all training images.
+the objects the question names (for a relation, half the heads on each of the two objects). The frozen tower's
+features are computed once for all training images. Each evaluation also saves the model to `<out>/checkpoint`,
+so that an interrupted run can be continued with `--init-from <out>/checkpoint --vision-steps 0`.
 
 The heads are discarded; the saved model is a plain `LlavaForConditionalGeneration`. Every `--eval-every`
 stage-2 steps it reports greedy-decoding accuracy per question family on the validation split, the way the
@@ -40,11 +42,15 @@ from vtc.models.tiny import build_model, build_processor
 COLOR_CLASSES = 1 + len(shapes.COLORS)  # background + colours
 
 
+# (question, answer, targets): targets holds one patch list per group of attention heads (see `answer_queries`)
+Turn = tuple[str, str, list[list[int]]]
+
+
 @dataclass
 class TrainImage:
     image: object  # PIL image
     meta: dict
-    turns: list[tuple[str, str, list[int]]]  # (question, answer, target patches) of every question about it
+    turns: list[Turn]  # every question about the image
 
 
 def training_images(dataset) -> list[TrainImage]:
@@ -53,8 +59,36 @@ def training_images(dataset) -> list[TrainImage]:
     for row in dataset:
         meta = json.loads(row["meta"])
         entry = by_id.setdefault(row["image_id"], TrainImage(row["image"], meta, []))
-        entry.turns.append((row["question"], row["answers"][0], meta["target_patches"]))
+        if row["family"] == "relation":
+            targets = relation_targets(row["question"], meta["objects"])
+        else:
+            targets = [meta["target_patches"]]
+        entry.turns.append((row["question"], row["answers"][0], targets))
     return list(by_id.values())
+
+
+def relation_targets(question: str, objects: list[dict]) -> list[list[int]]:
+    """The patches of the two objects a relation question names, in the order it names them.
+
+    A relation compares two positions; grounding every head on the union of both objects would average them
+    away, so the first half of the heads is grounded on the first object and the second half on the other.
+    Names are the testbed's unambiguous descriptions: "square", "red object", "red square".
+    """
+    first, second = question.removeprefix("where is the ").removesuffix(" ?").split(" relative to the ")
+    return [_named_object(first, objects)["patches"], _named_object(second, objects)["patches"]]
+
+
+def _named_object(name: str, objects: list[dict]) -> dict:
+    words = name.split()
+    if len(words) == 1:
+        matches = [o for o in objects if o["shape"] == words[0]]
+    elif words[1] == "object":
+        matches = [o for o in objects if o["color"] == words[0]]
+    else:
+        matches = [o for o in objects if (o["color"], o["shape"]) == tuple(words)]
+    if len(matches) != 1:
+        raise ValueError(f"{name!r} names {len(matches)} objects of {objects}")
+    return matches[0]
 
 
 def patch_colors(meta: dict) -> torch.Tensor:
@@ -166,10 +200,10 @@ def answer_mask(input_ids: torch.Tensor, assistant_ids: list[int], eos_id: int) 
     return mask
 
 
-def training_batch(processor, turns: list[list[tuple[str, str, list[int]]]]) -> dict[str, torch.Tensor]:
+def training_batch(processor, turns: list[list[Turn]]) -> dict[str, torch.Tensor]:
     """Right-padded multi-turn token batch whose labels cover only the answers and their end tokens.
 
-    turns: per image, (question, answer, target patches) of each turn. The image placeholder is expanded
+    turns: per image, (question, answer, targets) of each turn. The image placeholder is expanded
     to one token per patch, as the processor does; the visual tokens are filled in by the caller.
     """
     tokenizer = processor.tokenizer
@@ -186,20 +220,24 @@ def training_batch(processor, turns: list[list[tuple[str, str, list[int]]]]) -> 
     return batch
 
 
-def answer_queries(batch, turns, image_token_id: int):
-    """Where each answer is predicted from and where it should look.
+def answer_queries(batch, turns, image_token_id: int, num_heads: int):
+    """Where each answer is predicted from and where each head should look.
 
-    Returns rows [Q] and query positions [Q] (the prompt token before each answer), and a bool [Q, L] mask of
-    the target patches (of the objects the question names) in the same sequence.
+    Returns rows [Q] and query positions [Q] (the prompt token before each answer), and a bool [Q, H, L] mask of
+    the target patches in the same sequence: a turn's G patch lists split the H heads into G equal groups, in
+    order (one list: every head looks at the objects the question names).
     """
     starts = (batch["labels"][:, 1:] != -100) & (batch["labels"][:, :-1] == -100)  # answer starts, shifted by one
     image_mask = batch["input_ids"] == image_token_id
     rows, queries, targets = [], [], []
     for b, image_turns in enumerate(turns):
         image_positions = image_mask[b].nonzero().flatten()
-        for (_, _, patches), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
-            target = torch.zeros_like(image_mask[b])
-            target[image_positions[patches]] = True
+        for (_, _, groups), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
+            if num_heads % len(groups):
+                raise ValueError(f"{num_heads} heads do not split into {len(groups)} equal groups")
+            target = torch.zeros(num_heads, len(image_mask[b]), dtype=torch.bool)
+            for group, patches in zip(target.split(num_heads // len(groups)), groups):
+                group[:, image_positions[patches]] = True
             rows.append(b)
             queries.append(query)
             targets.append(target)
@@ -208,27 +246,27 @@ def answer_queries(batch, turns, image_token_id: int):
 
 
 def attention_rows(query: torch.Tensor, key: torch.Tensor, rows, queries, scaling: float) -> torch.Tensor:
-    """Head-averaged causal attention weights of a few query positions: [Q, L].
+    """Causal attention weights of a few query positions, per head: [Q, H, L].
 
     query, key: [B, H, L, d] after rotary embedding, as the attention kernel receives them (as many key as
     query heads). Recomputing Q rows costs Q·L·d instead of the B·L·L of every layer's full eager map.
     """
     scores = torch.einsum("qhd,qhld->qhl", query[rows, :, queries], key[rows]) * scaling
     future = torch.arange(key.shape[2])[None, :] > queries[:, None]  # [Q, L]
-    return scores.masked_fill(future[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)
+    return scores.masked_fill(future[:, None], float("-inf")).softmax(dim=-1)
 
 
 def grounding_loss(shares: list[torch.Tensor], target_mask: torch.Tensor) -> torch.Tensor:
-    """-log of the attention share that each answer's query puts on its target patches, averaged.
+    """-log of the attention share that each answer's query puts on its target patches (head mean), averaged.
 
-    shares: per supervised layer, [Q, L] attention weights of each answer's query (see `attention_rows`);
-    target_mask: [Q, L] bool. The share is of all the attention, not only of the attention on the image:
+    shares: per supervised layer, [Q, H, L] attention weights of each answer's query (see `attention_rows`);
+    target_mask: [Q, H, L] bool. The share is of all the attention, not only of the attention on the image:
     a model can satisfy a within-image share while reading almost nothing from the image, and then it
     keeps answering from the question alone. The testbed records which patches the objects a question
     names cover; telling the model where to look spares a model trained from scratch the long "answer
     from priors" plateau.
     """
-    return torch.cat([-torch.log((share * target_mask).sum(dim=-1) + 1e-6) for share in shares]).mean()
+    return torch.cat([-torch.log((share * target_mask).sum(dim=-1).mean(dim=-1) + 1e-6) for share in shares]).mean()
 
 
 class KeepQueriesAndKeys:
@@ -257,7 +295,7 @@ class KeepQueriesAndKeys:
 
 def train_language(
     model, processor, features: torch.Tensor, images: list[TrainImage], steps: int, batch_size: int, lr: float,
-    max_turns: int, rng, evaluate_every: int, validation_rows: list[dict],
+    max_turns: int, rng, evaluate_every: int, validation_rows: list[dict], checkpoint: Path | None = None,
 ) -> list[dict]:  # fmt: skip
     """Stage 2: projector + language model on the answers. features: frozen tower output [N, 576, Dv]."""
     language_model = model.model.language_model
@@ -281,7 +319,7 @@ def train_language(
         visual = model.model.multi_modal_projector(features[chosen])
         embeds = embeds.masked_scatter((batch["input_ids"] == image_token_id)[..., None], visual)
         output = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-        rows, queries, target_mask = answer_queries(batch, turns, image_token_id)
+        rows, queries, target_mask = answer_queries(batch, turns, image_token_id, language_model.config.num_attention_heads)
         shares = [attention_rows(*keep.kept[a.layer_idx], rows, queries, a.scaling) for a in grounded_layers]
         ground = grounding_loss(shares, target_mask)
         (output.loss + ground).backward()
@@ -296,6 +334,10 @@ def train_language(
             language_model.set_attn_implementation(keep.name)
             history.append({"step": step, "loss": output.loss.item(), "ground": ground.item(), **scores})
             print(json.dumps(history[-1]), flush=True)
+            if checkpoint is not None:
+                model.save_pretrained(checkpoint)
+                processor.save_pretrained(checkpoint)
+                (checkpoint / "history.json").write_text(json.dumps(history, indent=1))
     language_model.set_attn_implementation("sdpa")
     return history
 
@@ -379,8 +421,9 @@ def train(
     features = frozen_features(model, pixels)
     del pixels
     history = train_language(
-        model, processor, features, images, steps, batch_size, lr, max_turns, rng, eval_every, validation_rows
-    )
+        model, processor, features, images, steps, batch_size, lr, max_turns, rng, eval_every, validation_rows,
+        checkpoint=out_dir / "checkpoint",
+    )  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
