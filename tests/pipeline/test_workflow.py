@@ -43,6 +43,8 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
         ({"methods": {"full": {}, "grid": {"method": "clustr"}}}, "config key 'methods.grid.method': unknown method 'clustr'; registered: "),
         ({"budgets": [64, 700]}, "config key 'budgets': 700 is above the 576 visual tokens of model 'tiny'"),
         ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
+        ({"methods": {"full": {}, "pool": {"budgets": [600]}}}, "config key 'methods.pool.budgets': 600 is above the 576 visual tokens"),
+        ({"methods": {"full": {}, "pool": {"budgets": []}}}, "config key 'methods.pool.budgets': [] should be non-empty"),
         ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
         ({"efficiency": {"device_preset": "B200"}}, "config key 'efficiency.device_preset': 'B200' is not one of"),
         ({"efficiency": {"repeats": 0}}, "config key 'efficiency.repeats': 0 is less than the minimum of 1"),
@@ -175,6 +177,16 @@ def test_an_entry_can_run_a_registered_method_under_its_own_name(tmp_path, tiny_
     keys = {name: json.loads((tmp_path / f"results/reduce/tiny/shapes/{name}/16/manifest.json").read_text())["key"] for name in ("cluster", "cluster_grid")}
     assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {"init": "grid", "iters": 1})
     assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {"iters": 2})
+
+
+def test_an_entry_with_its_own_budgets_runs_only_those(tmp_path, tiny_model_dir):
+    methods = {"full": {}, "random": {}, "pool": {"budgets": [16]}}
+    write_config(tmp_path, tiny_model_dir, methods=methods, budgets=[64, 16], efficiency={"measure": False})
+    plan = snakemake(tmp_path, "-n")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert planned_jobs(plan.stdout)["evaluate"] == 1 + 2 + 1  # full once, random at 64 and 16, pool at 16
+    assert "results/evaluate/tiny/shapes/pool/16/metrics.json" in plan.stdout
+    assert "results/evaluate/tiny/shapes/pool/64/" not in plan.stdout
 
 
 def test_paper_preset_plans_the_whole_study(tmp_path):

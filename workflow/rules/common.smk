@@ -9,7 +9,13 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vtc.benchmarks import available_benchmarks
-from vtc.methods import available_methods, import_plugins, method_entry, method_stage
+from vtc.methods import (
+    available_methods,
+    entry_budgets,
+    import_plugins,
+    method_entry,
+    method_stage,
+)
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -41,13 +47,18 @@ def check_names(config):
                 f"config key 'datasets.{name}.benchmark': unknown benchmark {dataset['benchmark']!r}; "
                 f"registered: {', '.join(benchmarks)}"
             )
+    budget_keys = {"budgets": config["budgets"]}
+    for name, entry in config["methods"].items():
+        if "budgets" in (entry or {}):
+            budget_keys[f"methods.{name}.budgets"] = entry["budgets"]
     for name, model in config["models"].items():
-        for budget in config["budgets"]:
-            if budget > model["num_visual_tokens"]:
-                raise ValueError(
-                    f"config key 'budgets': {budget} is above the {model['num_visual_tokens']} visual tokens "
-                    f"of model {name!r} (models.{name}.num_visual_tokens)"
-                )
+        for key, budgets in budget_keys.items():
+            for budget in budgets:
+                if budget > model["num_visual_tokens"]:
+                    raise ValueError(
+                        f"config key '{key}': {budget} is above the {model['num_visual_tokens']} visual "
+                        f"tokens of model {name!r} (models.{name}.num_visual_tokens)"
+                    )
 
 
 check_schema(config)
@@ -73,10 +84,11 @@ wildcard_constraints:
 
 
 def budgets_for(method, model):
-    """`full` runs once, at the model's token count; every other method at each configured budget."""
+    """`full` runs once, at the model's token count; every other method at each of its budgets (the entry's
+    `budgets`, else the study's)."""
     if registered_method(method) == "full":
         return [config["models"][model]["num_visual_tokens"]]
-    return config["budgets"]
+    return entry_budgets(config["methods"][method], config["budgets"])
 
 
 def get_metrics_files():

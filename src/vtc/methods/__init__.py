@@ -153,10 +153,21 @@ def method_entry(name: str, entry: dict | None) -> tuple[str, dict]:
     """A `methods.<name>` config entry → (registered method name, hyperparameters).
 
     An entry may run a registered method under a name of its own through a `method` key, so that several
-    settings of one method sit side by side in one study: `cluster_grid: {method: cluster, init: grid}`.
+    settings of one method sit side by side in one study: `cluster_grid: {method: cluster, init: grid}`. Its
+    `budgets` key (the workflow's, see `entry_budgets`) is not a hyperparameter.
     """
     hparams = dict(entry or {})
+    hparams.pop("budgets", None)
     return hparams.pop("method", name), hparams
+
+
+def entry_budgets(entry: dict | None, budgets: list[int]) -> list[int]:
+    """The budgets a `methods.<name>` entry runs at: its own `budgets` key, else the study's `budgets`.
+
+    For a method that cannot reach every study budget on some model (ToMe merges at most half of the tokens per
+    encoder layer, so a tower with 3 layers before its feature layer cannot go below N/8).
+    """
+    return list((entry or {}).get("budgets", budgets))
 
 
 def available_methods() -> list[str]:
