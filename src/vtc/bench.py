@@ -13,6 +13,15 @@ vectors into the prompt embeddings, generate greedily) and times each part:
     peak mem  GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident set (VmHWM, reset through
               /proc/self/clear_refs before each run), both also as growth over what was allocated before the run
 
+A method that prunes inside the language model (stage "llm": FastV, DART) runs as the pipeline answers with it: all
+N visual tokens are spliced in and `vtc.models.inllm.generate_pruned` selects and drops image tokens between decoder
+layers, following `inllm.plan` (budget = layer average, or the count after pruning with hparam budget_mode=kept).
+Its selection happens inside prefill, so it has no reduce time before prefill (null in the JSON). One call is split
+by forward hooks on the model (`PrefillClock`): prefill ends with the first `lm_head` output, the rest is decode,
+and `selection_ms` is the time between the decoder layers where the visual-token count changes (the selection and
+the gather; part of prefill, in parentheses in the table's reduce columns). Needs --attn sdpa or eager. Methods of
+stage "encoder" (ToMe) replace the vision tower's forward, which this script runs once for all rows: not timed here.
+
 The vision tower is identical for every method (it runs before reduction), so it is timed once (`encode_ms`) and
 left out of e2e. Next to each measurement stands the prediction of `vtc.cost` for the same shape, text length and
 token count: the roofline time ratio for a `--device-preset`, or the prefill FLOPs ratio without one.
@@ -33,6 +42,9 @@ Usage:
     python -m vtc.bench --model llava-hf/llava-1.5-7b-hf --device cuda --dtype float16 --out results/bench-hf.json
     # cheaper k-means variants, as separate rows: METHOD:HPARAM=VALUE:...
     python -m vtc.bench --random-tiny --methods full,cluster,cluster:iters=3,cluster:init=grid --budgets 64
+    # in-LLM methods: budgets are layer averages; budget_mode=kept gives the count after the prune layer instead
+    python -m vtc.bench --random-7b --device cuda --dtype float16 --methods full,random,fastv,dart --budgets 128,64
+    python -m vtc.bench --random-tiny --methods full,fastv:budget_mode=kept,dart:budget_mode=kept --budgets 64
 
 --random-7b on CPU needs ~14 GB of RAM in bfloat16 (28 GB in float32) and minutes per forward; use a GPU. The
 weights are initialised directly in the requested dtype on the requested device (no float32 CPU copy).
@@ -51,17 +63,28 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from vtc import cost
-from vtc.methods import VisualTokens, get_method, import_plugins
-from vtc.models import llava
+from vtc.methods import VisualTokens, get_method, import_plugins, method_stage
+from vtc.models import inllm, llava
 from vtc.pipeline.encode import image_seed
 
 DEFAULT_METHODS = "full,random,spatial,pool,cls_attention,cluster"
 DEFAULT_BUDGETS = "192,128,64"
 IMAGE_POSITION = 4  # where the placeholder sits in a token-id prompt: after "<s> USER :" as in the llava-hf template
+IN_LLM_KERNELS = ("sdpa", "eager")  # generate_pruned builds 4-D masks, which FlashAttention-2 does not take
+# How each kind of row is timed, written into its record so the JSON explains its own null reduce times.
+TIMING = {
+    "tokens": "reduce = the method on the encoded visual tokens; prefill = splice + one forward; "
+    "decode = new_tokens - 1 cached one-token steps",
+    "llm": "no reduce before prefill (null): the method selects between decoder layers, inside prefill; one "
+    "inllm.generate_pruned call, split by forward hooks: prefill = splice of all N + the call up to its first lm_head "
+    "output; decode = the rest of the call (new_tokens - 1 steps); selection = time between the layers where the "
+    "visual-token count changes, part of prefill; e2e = the call",
+}
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Models
@@ -341,6 +364,12 @@ def greedy(model, inputs_embeds, attention_mask, new_tokens: int, times: dict | 
     return torch.stack(tokens, dim=1)
 
 
+def greedy_in_llm(model, inputs_embeds, attention_mask, image_mask, plan_, new_tokens: int) -> torch.Tensor:
+    """[B, new_tokens] greedy tokens of `inllm.generate_pruned`. It gets no eos_token_id, so an EOS never ends it
+    early and every call does the same work whatever the tokens (as `greedy`)."""
+    return inllm.generate_pruned(model, inputs_embeds, attention_mask, image_mask, plan_, new_tokens).ids
+
+
 @torch.no_grad()
 def run_once(s: Setup, method, budget: int, hparams: dict, new_tokens: int) -> dict:
     """One timed pass of a method at a budget; seconds of each part and the number of visual tokens fed."""
@@ -354,8 +383,127 @@ def run_once(s: Setup, method, budget: int, hparams: dict, new_tokens: int) -> d
         "reduce": t["reduce_end"] - t["start"],
         "prefill": t["prefill_end"] - t["reduce_end"],
         "decode": t["decode_end"] - t["prefill_end"],
+        "e2e": t["decode_end"] - t["start"],
+        "selection": None,  # the reduction is all of `reduce`, before prefill
         "visual_tokens": reduced.tokens.shape[1],
     }
+
+
+def generate_in_llm(s: Setup, plan_, new_tokens: int) -> torch.Tensor:
+    """All N visual tokens spliced in, pruned inside the LLM: what `llava.generate_ids_pruned` runs at answer time."""
+    embeds, mask = splice(s, s.visual.projected)
+    image_mask = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    image_mask[:, s.image_position : s.image_position + s.visual.num_patches] = True
+    return greedy_in_llm(s.model, embeds, mask, image_mask, plan_, new_tokens)
+
+
+class PrefillClock:
+    """Clock points inside one `generate_pruned` call, from forward hooks on the model (inllm.py is not touched):
+
+    - around each change of the visual-token count in `per_layer` (after layer l − 1, before layer l): what the loop
+      does between those layers, the method's selection and the gather of the kept positions;
+    - after the first `lm_head` call, which gives the first new token's logits: the end of prefill.
+
+    The hooks remove themselves at the end of prefill, so decode runs as it would without them."""
+
+    def __init__(self, model, per_layer: list[int]):
+        self.device = model.device
+        self.marks: dict[tuple[str, int], float] = {}
+        self.prefill_end: float | None = None
+        layers = model.model.language_model.layers
+        self.boundaries = [i for i in range(1, len(per_layer)) if per_layer[i] != per_layer[i - 1]]
+        self.handles = [model.lm_head.register_forward_hook(self._end_of_prefill)]
+        for i in self.boundaries:
+            self.handles.append(layers[i - 1].register_forward_hook(self._mark("before", i)))
+            self.handles.append(layers[i].register_forward_pre_hook(self._mark("after", i)))
+
+    def _mark(self, side: str, layer: int):
+        def hook(*_):
+            self.marks[side, layer] = clock(self.device)
+
+        return hook
+
+    def _end_of_prefill(self, *_):
+        self.prefill_end = clock(self.device)
+        self.remove()
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def selection(self) -> float | None:
+        """Seconds between the layers where the count changes, summed; None when nothing changes (keep = N)."""
+        if not self.boundaries:
+            return None
+        return sum(self.marks["after", i] - self.marks["before", i] for i in self.boundaries)
+
+
+@torch.no_grad()
+def run_once_in_llm(s: Setup, plan_, new_tokens: int) -> dict:
+    """One timed pass of an in-LLM method (`TIMING["llm"]`): one generate_pruned call, split at the end of its
+    prefill by `PrefillClock`. Its selection is part of prefill, so it has no reduce time before prefill."""
+    device = s.model.device
+    marks = PrefillClock(s.model, plan_.per_layer)
+    try:
+        start = clock(device)
+        generate_in_llm(s, plan_, new_tokens)
+        end = clock(device)
+    finally:
+        marks.remove()
+    if marks.prefill_end is None:
+        raise RuntimeError("inllm.generate_pruned no longer calls model.lm_head, which marks the end of its prefill")
+    return {
+        "reduce": None,
+        "selection": marks.selection(),
+        "prefill": marks.prefill_end - start,
+        "decode": end - marks.prefill_end,
+        "e2e": end - start,
+        "visual_tokens": plan_.per_layer[-1],
+    }
+
+
+@dataclass
+class Run:
+    """One (method, budget) row: a method of the encode cache (`reduce`) or an in-LLM method's `inllm.plan`."""
+
+    label: str
+    method: str
+    hparams: dict
+    budget: int
+    reduce: Callable | None = None
+    plan: inllm.Plan | None = None
+
+    @property
+    def stage(self) -> str:
+        return "tokens" if self.plan is None else "llm"
+
+    def __call__(self, s: Setup, new_tokens: int) -> dict:
+        if self.plan is None:
+            return run_once(s, self.reduce, self.budget, self.hparams, new_tokens)
+        return run_once_in_llm(s, self.plan, new_tokens)
+
+
+def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
+    """Refuses, before the model loads, what this script cannot time: encoder-stage methods (they replace the vision
+    tower's forward, and the benchmark starts from its cached output) and in-LLM methods without a 4-D-mask kernel."""
+    for label, name, _ in specs:
+        stage = method_stage(name)
+        if stage == "encoder":
+            raise ValueError(
+                f"method {label!r} ({name}) merges tokens inside the vision tower (stage 'encoder'); vtc.bench starts "
+                "from the vision tower's output, shared by every method, so it cannot time it"
+            )
+        if stage == "llm" and attn not in IN_LLM_KERNELS:
+            raise ValueError(
+                f"method {label!r} ({name}) prunes inside the language model, whose decoder loop builds 4-D masks that "
+                f"{attn!r} does not take: use --attn sdpa or eager (models.<name>.attn_implementation in the pipeline)"
+            )
+
+
+def make_run(label: str, name: str, hparams: dict, budget: int, num_layers: int, num_patches: int) -> Run:
+    if method_stage(name) == "llm":
+        return Run(label, name, hparams, budget, plan=inllm.plan(name, budget, hparams, num_layers, num_patches))
+    return Run(label, name, hparams, budget, reduce=get_method(name))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -439,17 +587,19 @@ def resolve_preset(name: str, device: torch.device) -> cost.Device | None:
     return None if name == "none" else cost.PRESETS[name]
 
 
-def prediction(shape: cost.ModelShape, text_tokens: int, k: int, full: int, new_tokens: int, device) -> dict:
-    """vtc.cost for a pre-LLM method at k (k visual tokens at every decoder layer), relative to `full`."""
-    per_layer = cost.visual_tokens_per_layer_for("pre-LLM", k, shape.num_layers)
+def prediction(
+    shape: cost.ModelShape, text_tokens: int, per_layer: list[int], full: int, new_tokens: int, device, kind: str
+) -> dict:
+    """vtc.cost for the visual tokens each decoder layer processes (`per_layer`: [k]·L for a pre-LLM method, the
+    plan's per-layer counts for an in-LLM one), relative to `full` at every layer."""
     full_layers = [full] * shape.num_layers
     flops = cost.prefill_flops(shape, text_tokens, per_layer).total
     flops_full = cost.prefill_flops(shape, text_tokens, full_layers).total
     out = {
-        "kind": "pre-LLM",
+        "kind": kind,
         "prefill_flops": flops,
         "prefill_flops_ratio": flops / flops_full,
-        "kv_cache_bytes": cost.kv_cache_bytes(shape, [text_tokens + k] * shape.num_layers),
+        "kv_cache_bytes": cost.kv_cache_bytes(shape, [text_tokens + n for n in per_layer]),
         "device_preset": device.name if device else None,
     }
     if device is None:  # no roofline: compute-bound CPU, so prefill time should follow FLOPs
@@ -479,42 +629,44 @@ def benchmark(args, specs: list[tuple[str, str, dict]] | None = None) -> dict:
     import_plugins(args.plugins)
     if args.new_tokens < 2:
         raise ValueError("--new-tokens must be at least 2: one token from prefill, at least one decode step")
-    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    s = setup(args)
-    device = s.model.device
-    num_patches = s.visual.num_patches
-
-    # (label, method name, hparams, budget); full once at N, first: every speed-up is relative to it
+    # (label, method name, hparams); full once at N, first: every speed-up is relative to it
     specs = list(specs) if specs is not None else [parse_method(m) for m in args.methods.split(",") if m]
     if not any(name == "full" and not hp for _, name, hp in specs):
         specs.insert(0, ("full", "full", {}))
     specs.sort(key=lambda spec: spec[1] != "full")
+    check_stages(specs, args.attn)
+    load_at_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    s = setup(args)
+    device = s.model.device
+    num_patches = s.visual.num_patches
+    num_layers = s.model.config.text_config.num_hidden_layers
+
     budgets = [int(b) for b in args.budgets.split(",") if b]
     runs = []
     for label, name, hparams in specs:
         for budget in [num_patches] if name == "full" else budgets:
             if budget > num_patches:
                 raise ValueError(f"budget {budget} exceeds the {num_patches} visual tokens of an image")
-            runs.append((label, name, hparams, budget))
+            runs.append(make_run(label, name, hparams, budget, num_layers, num_patches))
             if name == "full":
                 break
-    methods = {name: get_method(name) for _, name, _, _ in runs}
 
-    for label, name, hparams, budget in runs:  # warm-up: first calls, allocator growth, kernel selection
+    for run in runs:  # warm-up: first calls, allocator growth, kernel selection
         for _ in range(args.warmup):
-            run_once(s, methods[name], budget, hparams, args.new_tokens)
+            run(s, args.new_tokens)
     memory = PeakMemory(device)
-    measured = [{"reduce": [], "prefill": [], "decode": [], "e2e": [], "peak": [], "growth": []} for _ in runs]
+    parts = ("reduce", "selection", "prefill", "decode", "e2e")
+    measured = [{part: [] for part in (*parts, "peak", "growth")} for _ in runs]
     tokens_fed = [None] * len(runs)
     for _ in range(args.repeats):  # round-robin, see the module docstring
-        for i, (label, name, hparams, budget) in enumerate(runs):
+        for i, run in enumerate(runs):
             memory.start()
-            r = run_once(s, methods[name], budget, hparams, args.new_tokens)
+            r = run(s, args.new_tokens)
             peak, growth = memory.stop()
             m = measured[i]
-            for part in ("reduce", "prefill", "decode"):
-                m[part].append(r[part] * 1e3)
-            m["e2e"].append((r["reduce"] + r["prefill"] + r["decode"]) * 1e3)
+            for part in parts:
+                if r[part] is not None:  # reduce: pre-LLM methods only; selection: in-LLM ones, inside prefill
+                    m[part].append(r[part] * 1e3)
             m["peak"].append(peak / 1e6)
             m["growth"].append(growth / 1e6)
             tokens_fed[i] = r["visual_tokens"]
@@ -524,19 +676,25 @@ def benchmark(args, specs: list[tuple[str, str, dict]] | None = None) -> dict:
     full_prefill = statistics.median(measured[0]["prefill"])
     steps = args.new_tokens - 1
     records = []
-    for (label, name, hparams, budget), m, k in zip(runs, measured, tokens_fed):
-        prefill, reduce_ms = statistics.median(m["prefill"]), statistics.median(m["reduce"])
+    for run, m, k in zip(runs, measured, tokens_fed):
+        prefill = statistics.median(m["prefill"])
+        reduce_ms = statistics.median(m["reduce"]) if m["reduce"] else None
+        selection_ms = statistics.median(m["selection"]) if m["selection"] else None
         decode_rates = [args.batch_size * steps / (ms / 1e3) for ms in m["decode"]]
+        per_layer = [k] * shape.num_layers if run.plan is None else run.plan.per_layer
+        kind = "pre-LLM" if run.plan is None else "in-LLM"
         records.append(
             {
-                "label": label,
-                "method": name,
-                "hparams": hparams,
-                "budget": budget,
-                "visual_tokens": k,
+                "label": run.label,
+                "method": run.method,
+                "hparams": run.hparams,
+                "budget": run.budget,
+                "stage": run.stage,
+                "timing": TIMING[run.stage],
+                "visual_tokens": k,  # in-LLM: after pruning, what the last layers see
                 "sequence_length": s.text_tokens + k,
-                "visual_tokens_per_layer": [k] * shape.num_layers,  # every method here reduces before the LLM
-                "visual_tokens_layer_avg": float(k),
+                "visual_tokens_per_layer": per_layer,
+                "visual_tokens_layer_avg": cost.layer_average(per_layer),
                 "reduce_ms": summary(m["reduce"]),
                 "prefill_ms": summary(m["prefill"]),
                 "decode_ms": summary(m["decode"]),
@@ -546,8 +704,10 @@ def benchmark(args, specs: list[tuple[str, str, dict]] | None = None) -> dict:
                 "peak_memory_mb": summary(m["peak"]),
                 "peak_memory_growth_mb": summary(m["growth"]),
                 "prefill_speedup_vs_full": full_prefill / prefill,
-                "reduce_fraction_of_full_prefill": reduce_ms / full_prefill,
-                "predicted": prediction(shape, s.text_tokens, k, num_patches, args.new_tokens, preset),
+                "reduce_fraction_of_full_prefill": None if reduce_ms is None else reduce_ms / full_prefill,
+                "selection_ms": summary(m["selection"]),
+                "selection_fraction_of_full_prefill": None if selection_ms is None else selection_ms / full_prefill,
+                "predicted": prediction(shape, s.text_tokens, per_layer, num_patches, args.new_tokens, preset, kind),
             }
         )
     settings = {
@@ -585,12 +745,12 @@ def table(result: dict) -> str:
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result["records"]:
+        in_llm, fraction = r["stage"] == "llm", r["reduce_fraction_of_full_prefill"]
         cells = [
             r["label"],
             str(r["budget"]),
-            str(r["visual_tokens"]),
-            f"{r['reduce_ms']['median']:.3g}",
-            f"{100 * r['reduce_fraction_of_full_prefill']:.1f}%",
+            str(r["visual_tokens"]) + (f" (layer avg {r['visual_tokens_layer_avg']:.4g})" if in_llm else ""),
+            *(_in_prefill(r) if in_llm else (f"{r['reduce_ms']['median']:.3g}", f"{100 * fraction:.1f}%")),
             f"{r['prefill_ms']['median']:.3g}",
             f"{r['prefill_speedup_vs_full']:.2f}×",
             f"{r['predicted']['prefill_speedup']:.2f}×",
@@ -603,6 +763,13 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _in_prefill(record: dict) -> tuple[str, str]:
+    """The reduce cells of an in-LLM row: its selection time, in parentheses because prefill includes it."""
+    if record["selection_ms"]["median"] is None:  # nothing pruned, so no layer boundary to time
+        return "–", "–"
+    return f"({record['selection_ms']['median']:.3g})", f"({100 * record['selection_fraction_of_full_prefill']:.1f}%)"
+
+
 def describe(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     where = m.get("gpu") or f"{m['cpu_model']}, {m['usable_cpus']} usable CPUs, {m['torch_threads']} torch threads"
@@ -612,6 +779,7 @@ def describe(result: dict) -> str:
         f"median of {s['repeats']} after {s['warmup']} warm-up; torch {m['torch']}, transformers {m['transformers']}; "
         f"encode (vision tower + projector, not in e2e) {s['encode_ms']['median']:.3g} ms; "
         f"predicted = {result['records'][0]['predicted']['speedup_basis']}; peak memory: {s['peak_memory_kind']}"
+        + (f"; in-LLM rows: {TIMING['llm']}" if any(r["stage"] == "llm" for r in result["records"]) else "")
     )
 
 

@@ -185,3 +185,21 @@ def test_pareto_plot_is_written(study, tmp_path):
     files, measured = study
     pareto_plot(tidy(files, measured), tmp_path / "pareto.png")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_in_llm_measured_record_joins_without_a_reduce_time(tmp_path):
+    """vtc.bench times an in-LLM method's selection inside prefill: its reduce figures are null, the rest joins."""
+    cost = run_cost(1.0, 1.0, 1.0, 64.0, 1.0, 1.0)
+    files = [
+        write_run(tmp_path / "full.json", "d", "full", 576, {"accuracy": 80.0}, cost),
+        write_run(tmp_path / "fastv.json", "d", "fastv", 64, {"accuracy": 70.0}, cost),
+    ]
+    measured = {"m": {**MEASURED, "records": [bench_record("full", 576, 20.0, 0.2, 0.01),
+                                              bench_record("fastv", 64, 8.0, None, None)]}}  # fmt: skip
+    table = tidy(files, measured)
+    assert value(table, "d", "fastv", "measured/prefill_ms") == 8.0
+    assert value(table, "d", "fastv", "measured/prefill_ms", "relative_to_full") == 0.4
+    fastv = table.filter(pl.col("method") == "fastv")["metric"].to_list()
+    assert "measured/reduce_ms" not in fastv and "measured/reduce_fraction_of_full_prefill" not in fastv
+    text = efficiency_markdown(efficiency_summary(table), table, measured)
+    assert "| fastv | 64 | 64.0 | 1 | 1.000 | 1 | 8 | 2.50× | – |" in text

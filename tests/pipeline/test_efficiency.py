@@ -83,14 +83,18 @@ def test_measure_labels_records_by_config_method_name(tiny_model_dir, tmp_path):
     }
     settings = {"batch_size": 1, "new_tokens": 2, "warmup": 0, "repeats": 1}
     out = tmp_path / "efficiency" / "tiny" / "measured.json"
-    measure("tiny", model, {"full": None, "cluster": {"iters": 2}, "tome": {}}, [16], settings, 1, 0, [], out)
+    fastv_kept = {"method": "fastv", "budget_mode": "kept"}
+    methods = {"full": None, "cluster": {"iters": 2}, "tome": {}, "fastv_kept": fastv_kept}
+    measure("tiny", model, methods, [16], settings, 1, 0, [], out)
     saved = json.loads(out.read_text())
     assert saved["model"] == "tiny"
-    assert saved["not_measured"] == ["tome"]  # it runs inside the vision tower; vtc.bench times cache methods
-    assert [(r["label"], r["hparams"], r["budget"]) for r in saved["records"]] == [
-        ("full", {}, 576),
-        ("cluster", {"iters": 2}, 16),
+    assert saved["not_measured"] == ["tome"]  # it runs inside the vision tower; vtc.bench starts after it
+    assert [(r["label"], r["method"], r["hparams"], r["budget"]) for r in saved["records"]] == [
+        ("full", "full", {}, 576),
+        ("cluster", "cluster", {"iters": 2}, 16),
+        ("fastv_kept", "fastv", {"budget_mode": "kept"}, 16),  # the hparams its evaluate runs use
     ]
+    assert saved["records"][2]["visual_tokens_per_layer"] == [576, 576, 16, 16]
     assert saved["settings"]["attn_implementation"] == "sdpa" and "--model" in saved["settings"]["bench_args"]
 
 

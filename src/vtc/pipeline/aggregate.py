@@ -51,8 +51,10 @@ def _median(figure: dict | float) -> float:
 
 
 def measured_metrics(record: dict) -> dict[str, float]:
-    """The `measured/...` metrics of one vtc.bench record."""
-    return {metric: _median(record[key]) for key, metric in MEASURED.items()}
+    """The `measured/...` metrics of one vtc.bench record; none for a figure it could not measure (an in-LLM
+    method's reduce time, which is inside its prefill)."""
+    values = {metric: _median(record[key]) for key, metric in MEASURED.items()}
+    return {metric: value for metric, value in values.items() if value is not None}
 
 
 def load_measured(paths: list[Path]) -> dict[str, dict]:

@@ -109,16 +109,16 @@ def measure(
     """`vtc.bench` for one model over the config's methods (with their hyperparameters) and budgets; writes `out`.
 
     Each record's label is the config's method name, and the JSON names the config's model, so the records join
-    the evaluate results on (model, method, budget)."""
+    the evaluate results on (model, method, budget). In-LLM methods are timed with the same hyperparameters
+    (budget_mode, layer, ...) their evaluate runs use; encoder-stage ones are listed under `not_measured`."""
     from vtc import bench
     from vtc.methods import import_plugins, method_entry, method_stage
 
     argv = bench_argv(model_cfg, budgets, settings, threads, seed, plugins)
     import_plugins(plugins)
-    # vtc.bench times methods of the encode cache; one that merges inside the vision tower (ToMe) or prunes inside the
-    # LLM (FastV, DART) is not timed yet
+    # vtc.bench starts from the vision tower's output, so a method that merges inside it (ToMe) cannot be timed there
     entries = {name: method_entry(name, entry) for name, entry in methods.items()}
-    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) in ("encoder", "llm")]
+    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) == "encoder"]
     specs = [(name, method, hparams) for name, (method, hparams) in entries.items() if name not in encoder_level]
     result = bench.benchmark(bench.parse_args(argv), specs)
     result["model"] = model_name
