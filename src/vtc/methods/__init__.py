@@ -25,6 +25,15 @@ hyperparameter `layer` with a default) with what the model computed up to there:
 It returns, per row, the indices (into the row's N image tokens, ascending) of the image tokens that layers K …
 process; its `reduce` job is the identity (all N tokens) and the pruning happens when the answers are generated.
 
+A method that prunes at several layers (SparseVLM) also registers a `schedule`, which turns the budget and its
+hyperparameters into `Stage`s (layer K, image tokens kept, tokens added); the loop calls the selection function at
+each stage's layer with that stage's `keep`, and a stage that adds tokens returns a `Selection` (the kept indices
+into the image tokens the stage saw, the added hidden states and which of those image tokens each aggregates):
+
+    @register_method("name", stage="llm", schedule=schedule_fn, positions="renumbered")
+    def method(state: LayerState, keep: int, *, layer: int, **hparams) -> Selection
+    def schedule_fn(budget: int, budget_mode: str, num_layers: int, num_patches: int, **hparams) -> list[Stage]
+
 `method_stage(name)` tells the pipeline which kind a method is: a "tokens" method reduces the encode cache, an
 "encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`), an "llm"
 method keeps every token in `reduce` and prunes inside the language model at answer time.
@@ -92,7 +101,8 @@ class Method(Protocol):
 @dataclass(frozen=True)
 class LayerState:
     """What an in-LLM method (stage="llm") sees at its prune layer K, for a batch of B left-padded rows of L positions
-    whose image tokens are N per row.
+    whose image tokens are N per row (at a later stage of a multi-stage method: the M image tokens, one contiguous
+    block per row, that the previous stage kept or added, and L the sequence those layers processed).
 
     hidden:          [B, L, D] output of layer K − 1 (the input of layer K), before the final norm.
     normed:          [B, L, D] the same through the language model's final RMSNorm (DART's `last_layer_state`).
@@ -103,6 +113,12 @@ class LayerState:
     image:           [B, N] int64 positions of each row's image tokens, ascending.
     text:            [B, L] bool, valid positions that are not image tokens.
     valid:           [B, L] bool, the attention mask (False on left padding).
+    attention:       rows [B, L] bool → [B, L]: the head-averaged attention weights at layer K − 1 of the query
+                     positions `rows` (causal, valid keys only), averaged over those queries; recomputed like
+                     `last_attention` from those queries and the cached keys.
+    prompt:          [B, L0, D] the spliced prompt as layer 0 received it, before any pruning.
+    prompt_image:    [B, N] positions of its image tokens. Text is never pruned, so the text after the image is the
+                     same tokens at the end of `prompt` and of the current sequence (left padding).
     """
 
     hidden: torch.Tensor
@@ -112,24 +128,80 @@ class LayerState:
     image: torch.Tensor
     text: torch.Tensor
     valid: torch.Tensor
+    attention: Callable[[torch.Tensor], torch.Tensor] | None = None
+    prompt: torch.Tensor | None = None
+    prompt_image: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pruning point of an in-LLM method: layers `layer` … (up to the next stage) process `keep` of the image
+    tokens the previous layers processed, followed by `merged` tokens the method adds (SparseVLM's recycled tokens)."""
+
+    layer: int
+    keep: int
+    merged: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.keep + self.merged
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What an in-LLM method returns at a stage that adds tokens, for the M image tokens that stage saw.
+
+    kept:     [B, keep] indices into the M image tokens, ascending.
+    merged:   [B, r, D] hidden states of the added tokens, which follow the kept image tokens in the sequence.
+    members:  [B, r, M] bool, the image tokens each added token aggregates.
+    """
+
+    kept: torch.Tensor
+    merged: torch.Tensor
+    members: torch.Tensor
+
+
+class HparamError(ValueError):
+    """An in-LLM method's setting that cannot run; `key` names the hyperparameter (None: the budget itself)."""
+
+    def __init__(self, key: str | None, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class InLLM:
+    """How the decoder loop runs an in-LLM method: `schedule` (None: one stage at the selection function's `layer`)
+    and the position ids its reference gives the tokens after pruning ("original" or "renumbered")."""
+
+    schedule: Callable[..., list[Stage]] | None = None
+    positions: str = "original"
 
 
 _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
+_IN_LLM: dict[str, InLLM] = {}
 # "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself;
 # "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices).
 STAGES = ("tokens", "encoder", "llm")
 
 
-def register_method(name: str, *, stage: str = "tokens") -> Callable[[Method], Method]:
+def register_method(
+    name: str, *, stage: str = "tokens", schedule: Callable[..., list[Stage]] | None = None, positions: str = "original"
+) -> Callable[[Method], Method]:
+    """`schedule` and `positions` describe an in-LLM method (stage "llm"), see `InLLM`."""
     if stage not in STAGES:
         raise ValueError(f"stage of method {name!r} must be one of {STAGES}, got {stage!r}")
+    if stage != "llm" and (schedule is not None or positions != "original"):
+        raise ValueError(f"method {name!r}: schedule and positions describe in-LLM methods (stage 'llm') only")
 
     def decorator(fn: Method) -> Method:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
         _REGISTRY[name] = fn
         _STAGES[name] = stage
+        if stage == "llm":
+            _IN_LLM[name] = InLLM(schedule, positions)
         return fn
 
     return decorator
@@ -147,6 +219,13 @@ def method_stage(name: str) -> str:
     that prunes inside the language model."""
     get_method(name)
     return _STAGES[name]
+
+
+def in_llm(name: str) -> InLLM:
+    """The schedule and default positions of an in-LLM method (stage "llm")."""
+    if method_stage(name) != "llm":
+        raise ValueError(f"method {name!r} does not prune inside the language model")
+    return _IN_LLM[name]
 
 
 def method_entry(name: str, entry: dict | None) -> tuple[str, dict]:

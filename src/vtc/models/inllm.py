@@ -1,24 +1,27 @@
 """Greedy decoding that prunes visual tokens inside the language model (methods registered with stage="llm").
 
 `generate_pruned` runs LLaVA's language model layer by layer (embedding → decoder layers → norm → lm_head) with a
-`DynamicCache`, for a left-padded batch:
+`DynamicCache`, for a left-padded batch. A plan has one or more stages (`vtc.methods.Stage`; FastV and DART one,
+SparseVLM three), each with its layer K:
 
-- prefill runs layers 0 … K−1 on the whole sequence; at layer K the method gets a `LayerState` (the hidden states,
-  the cached keys of layer K−1, the head-averaged attention of each row's last prompt token at layer K−1, recomputed
-  from that token's query and the cached keys) and returns, per row, the image tokens to keep;
-- the hidden states, validity and position ids of the kept positions (every text token, the kept image tokens, in
-  sequence order) are gathered and layers K … run on the shortened sequence, so their KV cache holds only the kept
-  tokens;
-- each decode step runs every layer over its own cache with its own mask; the new token's position continues from
-  the unpruned length in layers < K, and in layers ≥ K from the unpruned length (`positions="original"`, FastV's
-  gapped positions: kept tokens keep their original position ids) or from the pruned length
-  (`positions="renumbered"`: kept tokens are renumbered 0 … L'−1 and the cache continues from there).
+- prefill runs layers 0 … K₁−1 on the whole sequence; at each stage's layer K the method gets a `LayerState` (the
+  hidden states, the cached keys of layer K−1, attention rows of layer K−1 recomputed from the queries it asks for
+  and the cached keys) and returns, per row, the image tokens to keep, and at a stage that adds tokens (SparseVLM's
+  recycling) their hidden states;
+- the hidden states, validity and position ids of the new sequence (text before the image, the kept image tokens in
+  sequence order, the added tokens, text after the image) are gathered and the layers up to the next stage run on
+  it, so their KV cache holds only those tokens;
+- each decode step runs every group of layers between stages over its own cache with its own mask; the new token's
+  position continues from the unpruned length in layers < K₁, and in later groups from the unpruned length
+  (`positions="original"`, FastV's gapped positions: kept tokens keep their original position ids) or from the
+  group's own length (`positions="renumbered"`: the group's tokens are renumbered 0 … L'−1 and the cache continues
+  from there, as SparseVLM; added tokens have no original position, so they need this).
 
 The model keeps its own attention kernel (SDPA by default): masks are built here as 4-D boolean masks (additive
 float masks for eager), and the few attention rows a method needs are recomputed, never read from an eager map.
 FlashAttention-2 (which takes 2-D padding masks) is not supported by this loop.
 
-With nothing pruned (keep = N) the loop gives `model.generate`'s greedy ids token for
+With nothing pruned (keep = N at every stage) the loop gives `model.generate`'s greedy ids token for
 token (tested on the tiny model for a left-padded batch).
 """
 
@@ -26,15 +29,17 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from vtc import cost
-from vtc.methods import LayerState, get_method, method_stage
+from vtc.methods import HparamError, LayerState, Selection, Stage, get_method, in_llm
 
 POSITIONS = ("original", "renumbered")
 BUDGET_MODES = ("layer_average", "kept")
-# Hyperparameters the loop itself consumes; every other hyperparameter goes to the method's selection function.
+# Hyperparameters the loop itself consumes; every other one goes to the method's selection function or its
+# schedule, whichever names it as a keyword (both, for one they share).
 LOOP_HPARAMS = ("positions", "budget_mode")
 
 
@@ -42,13 +47,14 @@ LOOP_HPARAMS = ("positions", "budget_mode")
 class Plan:
     """How an in-LLM method runs for one budget.
 
-    layer: K, the first layer that sees only the kept image tokens; keep: image tokens kept from layer K on;
-    per_layer: visual tokens each decoder layer processes ([N]·K + [keep]·(L−K)); layer_average: their mean.
+    stages: its pruning points by layer (`Stage`: layer K, image tokens kept of those the layers before processed,
+    tokens added); per_layer: visual tokens each decoder layer processes (N before the first stage, each stage's
+    kept + added tokens from its layer on); layer_average: their mean. `layer` is the first stage's layer and `keep`
+    the visual tokens the last layers process (for a one-stage method: K and the image tokens kept from K on).
     """
 
     method: str
-    layer: int
-    keep: int
+    stages: tuple[Stage, ...]
     num_patches: int
     positions: str
     per_layer: list[int]
@@ -56,8 +62,16 @@ class Plan:
     budget_mode: str
     select_hparams: dict
 
-    def select(self, state: LayerState) -> torch.Tensor:
-        return get_method(self.method)(state, self.keep, layer=self.layer, **self.select_hparams)
+    @property
+    def layer(self) -> int:
+        return self.stages[0].layer
+
+    @property
+    def keep(self) -> int:
+        return self.stages[-1].tokens
+
+    def select(self, state: LayerState, stage: Stage) -> torch.Tensor | Selection:
+        return get_method(self.method)(state, stage.keep, layer=stage.layer, **self.select_hparams)
 
 
 def prune_layer_default(method: str) -> int:
@@ -67,41 +81,89 @@ def prune_layer_default(method: str) -> int:
     return parameter.default
 
 
+def _keywords(fn) -> set[str]:
+    return {p.name for p in inspect.signature(fn).parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+
+def _checked_counts(method: str, stages: list[Stage], positions: str, num_layers: int, num_patches: int) -> list[int]:
+    """Visual tokens per decoder layer of `stages`, which must prune at increasing layers 1 … L−1, each keeping at most
+    the tokens before it and adding at most those it drops; added tokens have no original position id."""
+    if not stages:
+        raise ValueError(f"method {method!r}: its schedule has no stage")
+    previous, current = 0, num_patches
+    for index, stage in enumerate(stages):
+        if not previous < stage.layer < num_layers or not 0 <= stage.keep <= current:
+            raise ValueError(f"method {method!r}: stage {index} {stage} does not fit {num_layers} layers after "
+                             f"{previous} with {current} visual tokens")  # fmt: skip
+        if not 0 <= stage.merged <= current - stage.keep:
+            raise ValueError(f"method {method!r}: stage {index} adds {stage.merged} tokens for {current - stage.keep}")
+        if stage.merged and positions == "original":
+            raise HparamError(
+                "positions",
+                f"method {method!r}: positions original keeps each token's prompt position, but the {stage.merged} "
+                f"tokens stage {index} adds have none; use positions: renumbered",
+            )
+        previous, current = stage.layer, stage.tokens
+    return cost.staged_tokens_per_layer(num_layers, num_patches, {stage.layer: stage.tokens for stage in stages})
+
+
 def plan(method: str, budget: int, hparams: dict, num_layers: int, num_patches: int) -> Plan:
-    """The prune layer, the tokens kept after it and the per-layer counts of `method` at `budget`.
+    """The stages (prune layers, tokens kept and added) and the per-layer counts of `method` at `budget`.
 
     With budget_mode "layer_average" (the default, as FastV, SparseVLM and DART report their budgets) `budget` is the
-    mean over the L layers of the visual tokens each processes: keep = round((L·budget − K·N) / (L − K))
-    (`vtc.cost.kept_for_layer_average`; FastV K=2 on LLaVA-1.5-7B: 192 → 166, 128 → 98, 64 → 30). With "kept",
-    `budget` is the count after layer K itself.
+    mean over the L layers of the visual tokens each processes; for a one-stage method keep = round((L·budget − K·N) /
+    (L − K)) (`vtc.cost.kept_for_layer_average`; FastV K=2 on LLaVA-1.5-7B: 192 → 166, 128 → 98, 64 → 30). With
+    "kept", `budget` is the count after layer K itself. A method with a `schedule` (SparseVLM) turns the budget and
+    its hyperparameters into its stages itself. Raises `HparamError` naming the hyperparameter (None: the budget)
+    that makes the setting impossible.
     """
-    if method_stage(method) != "llm":
-        raise ValueError(f"method {method!r} does not prune inside the language model")
+    spec = in_llm(method)
     hparams = dict(hparams or {})
-    positions = hparams.pop("positions", "original")
+    positions = hparams.pop("positions", spec.positions)
     budget_mode = hparams.pop("budget_mode", "layer_average")
-    layer = hparams.pop("layer", prune_layer_default(method))
     if positions not in POSITIONS:
-        raise ValueError(f"method {method!r}: positions must be one of {POSITIONS}, got {positions!r}")
+        raise HparamError("positions", f"method {method!r}: positions must be one of {POSITIONS}, got {positions!r}")
     if budget_mode not in BUDGET_MODES:
-        raise ValueError(f"method {method!r}: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}")
+        raise HparamError(
+            "budget_mode", f"method {method!r}: budget_mode must be one of {BUDGET_MODES}, got {budget_mode!r}"
+        )
+    select_names = _keywords(get_method(method)) - {"layer"}
+    schedule_names = _keywords(spec.schedule) if spec.schedule else {"layer"}
+    unknown = sorted(set(hparams) - select_names - schedule_names)
+    if unknown:
+        allowed = ", ".join(sorted(select_names | schedule_names | {"positions", "budget_mode"}))
+        raise HparamError(unknown[0], f"method {method!r} has no hyperparameter {unknown[0]!r}; it takes {allowed}")
+    if spec.schedule is None:
+        stages = [_one_stage(method, budget, budget_mode, hparams.pop("layer", None), num_layers, num_patches)]
+    else:
+        schedule_hparams = {name: hparams[name] for name in schedule_names & set(hparams)}
+        stages = spec.schedule(budget, budget_mode, num_layers, num_patches, **schedule_hparams)
+    per_layer = _checked_counts(method, stages, positions, num_layers, num_patches)
+    select_hparams = {name: hparams[name] for name in select_names & set(hparams)}
+    return Plan(
+        method, tuple(stages), num_patches, positions, per_layer, cost.layer_average(per_layer), budget_mode,
+        select_hparams,
+    )  # fmt: skip
+
+
+def _one_stage(method: str, budget: int, budget_mode: str, layer, num_layers: int, num_patches: int) -> Stage:
+    """The stage of a method that prunes once, at its `layer` hyperparameter (default: its selection function's)."""
+    layer = prune_layer_default(method) if layer is None else layer
     if not 1 <= layer < num_layers:
-        raise ValueError(f"method {method!r}: layer must be between 1 and {num_layers - 1}, got {layer}")
+        raise HparamError("layer", f"method {method!r}: layer must be between 1 and {num_layers - 1}, got {layer}")
     if budget_mode == "kept":
         keep = budget
     else:
         keep = round(cost.kept_for_layer_average(budget, num_layers, layer, num_patches))
     if not 0 <= keep <= num_patches:
         lowest = layer * num_patches / num_layers
-        raise ValueError(
+        raise HparamError(
+            None,
             f"method {method!r} cannot reach a layer average of {budget} visual tokens: its first {layer} of "
             f"{num_layers} layers see all {num_patches}, so the average is at least {lowest:g} (set budget_mode: kept "
-            "to give the count after pruning instead)"
+            "to give the count after pruning instead)",
         )
-    per_layer = [num_patches] * layer + [keep] * (num_layers - layer)
-    return Plan(
-        method, layer, keep, num_patches, positions, per_layer, cost.layer_average(per_layer), budget_mode, hparams
-    )
+    return Stage(layer, keep)
 
 
 def causal_mask(valid: torch.Tensor, num_queries: int, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
@@ -133,40 +195,107 @@ def padded_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).masked_fill(~valid, 0)
 
 
-def last_token_attention(
-    attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin
+def query_attention(
+    attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin, rows: torch.Tensor
 ) -> torch.Tensor:
-    """Head-averaged attention weights [B, L] of the last position of each row at one layer.
+    """Head-averaged attention weights [B, L] of the query positions `rows` at one layer, averaged over those queries
+    (zeros for a row without one).
 
     attention: the layer's `self_attn`; hidden_in: [B, L, D] the layer's input *after* its input RMSNorm; keys:
-    [B, H_kv, L, d] its cached keys (after RoPE); cos_sin: the rotary embedding of the positions. Recomputes only the
-    last query (what eager attention's last row is, without materialising B·H·L² weights).
+    [B, H_kv, L, d] its cached keys (after RoPE); valid: [B, L] bool; cos_sin: the rotary embedding of the positions;
+    rows: [B, L] bool. Recomputes only those queries: the rows eager attention's map would have (causal, valid keys),
+    without materialising B·H·L² weights.
     """
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-    batch, length, _ = hidden_in.shape
-    query = attention.q_proj(hidden_in[:, -1:]).view(batch, 1, -1, attention.head_dim).transpose(1, 2)
-    cos, sin = cos_sin
-    query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+    batch, length, width = *rows.shape, max(int(rows.sum(dim=1).max()), 1)
+    count = rows.sum(dim=1, keepdim=True)
+    # each row's query positions first (ascending), then fillers whose weight is zero
+    picked = rows.long().argsort(dim=1, descending=True, stable=True)[:, :width]  # [B, Q]
+    weight = (torch.arange(width, device=rows.device)[None] < count) / count.clamp(min=1)  # [B, Q]
+    hidden = hidden_in.gather(1, picked[..., None].expand(-1, -1, hidden_in.shape[-1]))
+    query = attention.q_proj(hidden).view(batch, width, -1, attention.head_dim).transpose(1, 2)  # [B, H, Q, d]
+    cos, sin = (table.gather(1, picked[..., None].expand(-1, -1, table.shape[-1])) for table in cos_sin)
+    query, _ = apply_rotary_pos_emb(query, query, cos, sin)
     keys = repeat_kv(keys, attention.num_key_value_groups)
-    scores = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attention.scaling  # [B, H, L]
-    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
-    return scores.softmax(dim=-1).mean(dim=1)
+    scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # [B, H, Q, L]
+    key_positions = torch.arange(length, device=rows.device)[None, None]
+    # a filler on a padding position attends to itself, so that no row is all -inf (NaN times a zero weight is NaN)
+    allowed = (key_positions <= picked[..., None]) & valid[:, None, :] | (key_positions == picked[..., None])
+    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # [B, Q, L]
+    return (weights * weight[..., None]).sum(dim=1)
+
+
+def last_token_attention(
+    attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin
+) -> torch.Tensor:
+    """`query_attention` of the last position of each row: [B, L] (FastV's row)."""
+    last = torch.zeros_like(valid)
+    last[:, -1] = True
+    return query_attention(attention, hidden_in, keys, valid, cos_sin, last)
+
+
+def stage_order(image: torch.Tensor, kept: torch.Tensor, added: int, length: int) -> torch.Tensor:
+    """Where each position of the sequence after a stage comes from: indices [B, L'] into a row's L positions followed
+    by its `added` new tokens (L + j for the j-th). The sequence is the positions before the row's image block, the kept
+    image tokens, the added tokens, then the positions after the block; L' = L − M + k + added.
+
+    image: [B, M] the row's image block (contiguous, ascending); kept: [B, k] indices into it, ascending.
+    """
+    batch, block = image.shape
+    keep, size = kept.shape[1], kept.shape[1] + added
+    slots = torch.arange(length - block + size, device=image.device)[None]  # [1, L']
+    offset = slots - image[:, :1]  # [B, L'] slot relative to the block's start
+    padded = torch.cat([kept, kept.new_zeros(batch, 1)], dim=1)  # gathers (unused) with keep = 0 too
+    from_kept = image[:, :1] + padded.gather(1, offset.clamp(0, keep))
+    index = torch.where(offset < 0, slots, slots - size + block)
+    index = torch.where((offset >= 0) & (offset < keep), from_kept, index)
+    return torch.where((offset >= keep) & (offset < size), length + offset - keep, index)
 
 
 @dataclass
 class PrunedGeneration:
     """ids [B, T] new tokens (padded with pad_token_id after EOS, as `model.generate`); kept [B, keep] the image tokens
-    (indices into the row's N) that layers ≥ K processed."""
+    the last stage kept, indices into the image tokens it saw (for a one-stage method: the row's N, the tokens layers
+    ≥ K processed); sources [B, V, N] bool, the row's N image tokens that each of the V visual tokens of the last
+    layers covers (a kept token itself, an added token those merged into it)."""
 
     ids: torch.Tensor
     kept: torch.Tensor
+    sources: torch.Tensor
 
 
 def _eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+def _run_layers(language_model, layers, hidden, valid, positions, cache):
+    """Prefill of `layers` on the sequence: (output, the last layer's input after its input norm, rotary embedding)."""
+    rope = language_model.rotary_emb(hidden, positions)
+    mask = causal_mask(valid, valid.shape[1], language_model.config._attn_implementation, hidden.dtype)
+    normed_in = None
+    for index, layer in enumerate(layers):
+        if index == len(layers) - 1:
+            normed_in = layer.input_layernorm(hidden)
+        hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                       position_embeddings=rope)  # fmt: skip
+    return hidden, normed_in, rope
+
+
+def _selection(result, batch: int, stage: Stage, hidden: torch.Tensor, block: int, method: str) -> Selection:
+    """A method's answer at `stage` (kept indices, or a `Selection`), checked against the stage, kept ascending."""
+    if not isinstance(result, Selection):
+        result = Selection(result, hidden.new_zeros(batch, 0, hidden.shape[-1]),
+                           torch.zeros(batch, 0, block, dtype=torch.bool, device=hidden.device))  # fmt: skip
+    expected = {"kept": (batch, stage.keep), "merged": (batch, stage.merged, hidden.shape[-1]),
+                "members": (batch, stage.merged, block)}  # fmt: skip
+    for name, shape in expected.items():
+        got = tuple(getattr(result, name).shape)
+        if got != shape:
+            raise ValueError(f"method {method!r} returned {name} {got}, expected {shape}")
+    return Selection(result.kept.sort(dim=1).values, result.merged.to(hidden.dtype), result.members)
 
 
 @torch.no_grad()
@@ -180,72 +309,70 @@ def generate_pruned(
     eos_token_id=None,
     pad_token_id: int | None = None,
 ) -> PrunedGeneration:
-    """Greedy generation for a left-padded batch, pruning image tokens before layer `plan_.layer`.
+    """Greedy generation for a left-padded batch, pruning image tokens at each stage of `plan_`.
 
     inputs_embeds [B, L, D] and attention_mask [B, L] as `llava.splice_visual_tokens` makes them; image_mask [B, L]
-    bool marks each row's N image positions (the same N in every row).
+    bool marks each row's N image positions (the same N in every row, one contiguous block).
     """
     from transformers import DynamicCache
 
     language_model = model.model.language_model
     layers = language_model.layers
-    implementation = language_model.config._attn_implementation
-    dtype = inputs_embeds.dtype
-    batch, length, _ = inputs_embeds.shape
+    batch, num_patches = inputs_embeds.shape[0], plan_.num_patches
     valid = attention_mask.bool()
     image_counts = image_mask.sum(dim=1)
-    if not bool((image_counts == plan_.num_patches).all()):
-        raise ValueError(f"every row must hold {plan_.num_patches} image tokens, got {image_counts.tolist()}")
-    split = plan_.layer  # 1 ≤ K < L (`plan`); keep = N runs the same path, every image token kept
+    if not bool((image_counts == num_patches).all()):
+        raise ValueError(f"every row must hold {num_patches} image tokens, got {image_counts.tolist()}")
+    image = image_mask.nonzero()[:, 1].view(batch, num_patches)
+    if not bool((image[:, -1] - image[:, 0] == num_patches - 1).all()):
+        raise ValueError("every row's image tokens must be one contiguous block")
+    prompt_image = image
+    sources = torch.eye(num_patches, dtype=torch.bool, device=image.device).expand(batch, -1, -1)
     cache = DynamicCache(config=language_model.config)
 
-    positions_early = padded_positions(valid)
-    hidden = inputs_embeds
-    rope = language_model.rotary_emb(hidden, positions_early)
-    mask = causal_mask(valid, length, implementation, dtype)
-    normed_in = None
-    for index, layer in enumerate(layers[:split]):
-        if index == split - 1:
-            normed_in = layer.input_layernorm(hidden)
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions_early, past_key_values=cache,
-                       use_cache=True, position_embeddings=rope)  # fmt: skip
-
-    # layer K: the method selects, the kept positions are gathered, layers K … run on them
-    before = layers[split - 1].self_attn
-    keys = cache.layers[split - 1].keys
-    state = LayerState(
-        hidden=hidden,
-        normed=language_model.norm(hidden),
-        keys=keys,
-        last_attention=last_token_attention(before, normed_in, keys, valid, rope),
-        image=image_mask.nonzero()[:, 1].view(batch, plan_.num_patches),
-        text=valid & ~image_mask,
-        valid=valid,
-    )
-    kept = plan_.select(state)
-    if kept.shape != (batch, plan_.keep):
-        raise ValueError(
-            f"method {plan_.method!r} returned {tuple(kept.shape)} indices, expected {(batch, plan_.keep)}"
+    positions = padded_positions(valid)
+    bounds = [stage.layer for stage in plan_.stages] + [len(layers)]
+    hidden, normed_in, rope = _run_layers(language_model, layers[: bounds[0]], inputs_embeds, valid, positions, cache)
+    # per group of layers between stages, for the decode steps: its layers, validity and next position id
+    groups = [(layers[: bounds[0]], valid, positions[:, -1:] + 1)]
+    for stage, stop in zip(plan_.stages, bounds[1:]):
+        keys = cache.layers[stage.layer - 1].keys
+        attend = partial(query_attention, layers[stage.layer - 1].self_attn, normed_in, keys, valid, rope)
+        is_image = torch.zeros_like(valid).scatter_(1, image, True)
+        state = LayerState(
+            hidden=hidden,
+            normed=language_model.norm(hidden),
+            keys=keys,
+            last_attention=last_token_attention(layers[stage.layer - 1].self_attn, normed_in, keys, valid, rope),
+            image=image,
+            text=valid & ~is_image,
+            valid=valid,
+            attention=attend,
+            prompt=inputs_embeds,
+            prompt_image=prompt_image,
         )
-    keep_mask = ~image_mask
-    keep_mask.scatter_(1, state.image.gather(1, kept), True)
-    order = keep_mask.nonzero()[:, 1].view(batch, -1)  # ascending: text and kept image tokens in sequence order
-    hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
-    valid_late = valid.gather(1, order)
-    if plan_.positions == "original":
-        positions_late = positions_early.gather(1, order)
-    else:
-        positions_late = padded_positions(valid_late)
-    rope = language_model.rotary_emb(hidden, positions_late)
-    mask = causal_mask(valid_late, valid_late.shape[1], implementation, dtype)
-    for layer in layers[split:]:
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions_late, past_key_values=cache,
-                       use_cache=True, position_embeddings=rope)  # fmt: skip
+        selection = _selection(plan_.select(state, stage), batch, stage, hidden, image.shape[1], plan_.method)
+        kept = selection.kept
+        order = stage_order(image, kept, stage.merged, hidden.shape[1])
+        hidden = torch.cat([hidden, selection.merged], dim=1)
+        hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+        valid = torch.cat([valid, torch.ones_like(valid[:, : stage.merged])], dim=1).gather(1, order)
+        # `plan` allows original positions only where nothing is added: order then indexes the old positions only
+        positions = positions.gather(1, order) if plan_.positions == "original" else padded_positions(valid)
+        sources = torch.cat(
+            [sources.gather(1, kept[..., None].expand(-1, -1, num_patches)),
+             (selection.members.float() @ sources.float()) > 0],
+            dim=1,
+        )  # fmt: skip
+        image = image[:, :1] + torch.arange(stage.tokens, device=image.device)
+        group = layers[stage.layer : stop]
+        hidden, normed_in, rope = _run_layers(language_model, group, hidden, valid, positions, cache)
+        groups.append((group, valid, positions[:, -1:] + 1))
 
+    implementation = language_model.config._attn_implementation
     eos = torch.tensor(_eos_list(eos_token_id), device=hidden.device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=hidden.device)
     generated = []
-    next_early, next_late = positions_early[:, -1:] + 1, positions_late[:, -1:] + 1
     for step in range(max_new_tokens):
         logits = model.lm_head(language_model.norm(hidden[:, -1:]))[:, -1].float()
         token = logits.argmax(dim=-1)
@@ -257,16 +384,12 @@ def generate_pruned(
             break
         hidden = language_model.embed_tokens(token[:, None])
         ones = torch.ones(batch, 1, dtype=torch.bool, device=hidden.device)
-        valid = torch.cat([valid, ones], dim=1)
-        valid_late = torch.cat([valid_late, ones], dim=1)
-        for group, group_valid, position in (
-            (layers[:split], valid, next_early),
-            (layers[split:], valid_late, next_late),
-        ):
+        for index, (group, group_valid, position) in enumerate(groups):
+            group_valid = torch.cat([group_valid, ones], dim=1)
             rope = language_model.rotary_emb(hidden, position)
-            mask = causal_mask(group_valid, 1, implementation, dtype)
+            mask = causal_mask(group_valid, 1, implementation, hidden.dtype)
             for layer in group:
                 hidden = layer(hidden, attention_mask=mask, position_ids=position, past_key_values=cache,
                                use_cache=True, position_embeddings=rope)  # fmt: skip
-        next_early, next_late = next_early + 1, next_late + 1
-    return PrunedGeneration(torch.stack(generated, dim=1), kept)
+            groups[index] = (group, group_valid, position + 1)
+    return PrunedGeneration(torch.stack(generated, dim=1), kept, sources)

@@ -64,7 +64,8 @@ def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
 
 
 def in_llm_record(plan) -> dict:
-    """What metrics.json records of an in-LLM method's run (`vtc.models.inllm.Plan`)."""
+    """What metrics.json records of an in-LLM method's run (`vtc.models.inllm.Plan`): the first prune layer, the
+    visual tokens the last layers process, the count of every layer and their average, and each stage."""
     return {
         "prune_layer": plan.layer,
         "visual_tokens_after_pruning": plan.keep,
@@ -72,8 +73,10 @@ def in_llm_record(plan) -> dict:
         "visual_tokens_layer_avg": plan.layer_average,
         "budget_mode": plan.budget_mode,
         "positions": plan.positions,
+        # per stage: the first layer that processes its tokens, the image tokens it keeps and the tokens it adds
+        "stages": [{"layer": s.layer, "kept": s.keep, "added": s.merged} for s in plan.stages],
         # the model keeps its kernel; the attention rows a method needs are recomputed from queries and cached keys
-        "attention_weights": "recomputed (last prompt token's query x cached keys of layer K-1)",
+        "attention_weights": "recomputed (the queries a method needs x cached keys of layer K-1)",
     }
 
 

@@ -35,8 +35,10 @@ def reduce_dataset(
     stage = method_stage(method)
     if stage == "encoder":
         raise ValueError(f"method {method!r} runs inside the vision encoder: reduce it with reduce_in_encoder")
-    # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated.
+    # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated,
+    # so its hyperparameters are for `vtc.models.inllm.plan` (kept in the key), not for `full`.
     reducer = get_method("full" if stage == "llm" else method)
+    reducer_hparams = {} if stage == "llm" else hparams
     store = Store.open(encoded, expected_key)
     grid = tuple(store.manifest["grid"])
     key = {"encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed}
@@ -56,7 +58,7 @@ def reduce_dataset(
                 grid=grid,
             )
             started = time.perf_counter()
-            reduced = reducer(batch, budget, **hparams)
+            reduced = reducer(batch, budget, **reducer_hparams)
             seconds += time.perf_counter() - started
             tokens.append(reduced.tokens.to(tensors["projected"].dtype))
             sources.append(pack_bool(reduced.sources))
