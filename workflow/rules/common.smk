@@ -91,6 +91,44 @@ def budgets_for(method, model):
     return entry_budgets(config["methods"][method], config["budgets"])
 
 
+def language_model_layers(model):
+    """Decoder layers of a `models.<name>` entry's LLM, from its config.json when it is on this machine (a local
+    directory or the hub cache), else None."""
+    from transformers import AutoConfig
+
+    try:
+        loaded = AutoConfig.from_pretrained(model["path"], revision=model.get("revision"), local_files_only=True)
+    except OSError:
+        return None
+    return (getattr(loaded, "text_config", None) or loaded).num_hidden_layers
+
+
+def check_in_llm_plans():
+    """Stops on an in-LLM method's setting that cannot run on a model at one of its budgets (e.g. an impossible
+    SparseVLM schedule), naming the hyperparameter; a model whose config is not on this machine is left to its
+    jobs, which stop with the same message."""
+    from vtc.methods import HparamError
+    from vtc.models import inllm
+
+    in_llm = [name for name in METHODS if method_stage(registered_method(name)) == "llm"]
+    for model_name, model in config["models"].items():
+        num_layers = language_model_layers(model) if in_llm else None
+        for name in in_llm if num_layers else []:
+            for budget in budgets_for(name, model_name):
+                try:
+                    inllm.plan(
+                        registered_method(name),
+                        budget,
+                        method_entry(name, config["methods"][name])[1],
+                        num_layers,
+                        model["num_visual_tokens"],
+                    )
+                except HparamError as error:
+                    own_budgets = "budgets" in (config["methods"][name] or {})
+                    key = f"methods.{name}.{error.key or 'budgets'}" if error.key or own_budgets else "budgets"
+                    raise ValueError(f"config key '{key}': {error} (budget {budget}, model {model_name!r})") from None
+
+
 def get_metrics_files():
     return [
         f"results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json"
@@ -148,6 +186,10 @@ def get_registered_method(wildcards):
 
 def get_method_hparams(wildcards):
     return method_entry(wildcards.method, config["methods"][wildcards.method])[1]
+
+
+# here, not with the other checks: it needs `budgets_for` and `registered_method`
+check_in_llm_plans()
 
 
 def get_reduce_input(wildcards):
