@@ -85,3 +85,17 @@ def test_zoo_shapes_and_sources(make_tokens, name, budget):
     # default split has no contextual token below a budget of 4, see `default_contextual`.)
     if name != "divprune" and not (name == "visionzip" and budget < 4):
         assert reduced.sources.any(dim=1).all()
+
+
+def test_resolved_hyperparameters_write_out_every_default_and_reject_unknown_names():
+    from vtc.methods import HparamError, resolved_hparams
+
+    assert resolved_hparams("cluster", {"init": "grid"}) == {
+        "space": "projected", "iters": 10, "init": "grid", "distance": "l2", "aggregate": "mean"
+    }
+    assert resolved_hparams("full", {}) == {}
+    # in-LLM: the selection's layer, and the pruning loop's positions and budget_mode
+    assert resolved_hparams("fastv", {"budget_mode": "kept"}) == {"layer": 2, "positions": "original", "budget_mode": "kept"}
+    with pytest.raises(HparamError, match="method 'cluster' has no hyperparameter 'iter'; it takes aggregate, distance, init, iters, space") as error:
+        resolved_hparams("cluster", {"iter": 3})
+    assert error.value.key == "iter"

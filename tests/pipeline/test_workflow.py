@@ -48,6 +48,7 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
         ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
         ({"methods": {"full": {}, "pool": {"budgets": [600]}}}, "config key 'methods.pool.budgets': 600 is above the 576 visual tokens"),
         ({"methods": {"full": {}, "pool": {"budgets": []}}}, "config key 'methods.pool.budgets': [] should be non-empty"),
+        ({"methods": {"full": {}, "cluster": {"iter": 3}}}, "config key 'methods.cluster.iter': method 'cluster' has no hyperparameter 'iter'"),
         ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
         ({"efficiency": {"device_preset": "B200"}}, "config key 'efficiency.device_preset': 'B200' is not one of"),
         ({"efficiency": {"repeats": 0}}, "config key 'efficiency.repeats': 0 is less than the minimum of 1"),
@@ -178,8 +179,10 @@ def test_an_entry_can_run_a_registered_method_under_its_own_name(tmp_path, tiny_
     run = snakemake(tmp_path, "results/reduce/tiny/shapes/cluster_grid/16", "results/reduce/tiny/shapes/cluster/16")
     assert run.returncode == 0, run.stderr[-2000:]
     keys = {name: json.loads((tmp_path / f"results/reduce/tiny/shapes/{name}/16/manifest.json").read_text())["key"] for name in ("cluster", "cluster_grid")}
-    assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {"init": "grid", "iters": 1})
-    assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {"iters": 2})
+    # every hyperparameter is in the key, defaults written out, so that a changed default is a changed key
+    defaults = {"space": "projected", "iters": 10, "init": "kmeans++", "distance": "l2", "aggregate": "mean"}
+    assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {**defaults, "init": "grid", "iters": 1})
+    assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {**defaults, "iters": 2})
 
 
 def test_an_entry_with_its_own_budgets_runs_only_those(tmp_path, tiny_model_dir):

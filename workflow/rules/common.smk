@@ -10,11 +10,13 @@ sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vtc.benchmarks import available_benchmarks
 from vtc.methods import (
+    HparamError,
     available_methods,
     entry_budgets,
     import_plugins,
     method_entry,
     method_stage,
+    resolved_hparams,
 )
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -37,10 +39,14 @@ def check_names(config):
     import_plugins(config.get("plugins", []))
     methods, benchmarks = available_methods(), available_benchmarks()
     for name, entry in config["methods"].items():
-        method, _ = method_entry(name, entry)
+        method, hparams = method_entry(name, entry)
         if method not in methods:
             key = f"methods.{name}.method" if method != name else f"methods.{name}"
             raise ValueError(f"config key '{key}': unknown method {method!r}; registered: {', '.join(methods)}")
+        try:
+            resolved_hparams(method, hparams)
+        except HparamError as error:
+            raise ValueError(f"config key 'methods.{name}.{error.key}': {error}") from None
     for name, dataset in config["datasets"].items():
         if dataset["benchmark"] not in benchmarks:
             raise ValueError(
@@ -107,7 +113,6 @@ def check_in_llm_plans():
     """Stops on an in-LLM method's setting that cannot run on a model at one of its budgets (e.g. an impossible
     SparseVLM schedule), naming the hyperparameter; a model whose config is not on this machine is left to its
     jobs, which stop with the same message."""
-    from vtc.methods import HparamError
     from vtc.models import inllm
 
     in_llm = [name for name in METHODS if method_stage(registered_method(name)) == "llm"]
@@ -185,7 +190,9 @@ def get_registered_method(wildcards):
 
 
 def get_method_hparams(wildcards):
-    return method_entry(wildcards.method, config["methods"][wildcards.method])[1]
+    """Every hyperparameter, defaults written out: a changed default reruns the results it changes."""
+    method, hparams = method_entry(wildcards.method, config["methods"][wildcards.method])
+    return resolved_hparams(method, hparams)
 
 
 # here, not with the other checks: it needs `budgets_for` and `registered_method`

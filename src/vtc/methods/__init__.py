@@ -41,8 +41,10 @@ method keeps every token in `reduce` and prunes inside the language model at ans
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import inspect
 import pkgutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,7 +164,7 @@ class Selection:
 
 
 class HparamError(ValueError):
-    """An in-LLM method's setting that cannot run; `key` names the hyperparameter (None: the budget itself)."""
+    """A method's setting that cannot run; `key` names the hyperparameter (None: the budget itself)."""
 
     def __init__(self, key: str | None, message: str):
         super().__init__(message)
@@ -240,6 +242,33 @@ def method_entry(name: str, entry: dict | None) -> tuple[str, dict]:
     return hparams.pop("method", name), hparams
 
 
+def resolved_hparams(method: str, hparams: dict) -> dict:
+    """`hparams` with every hyperparameter the method leaves at its default written out.
+
+    What a result's cache key and metrics record, so that they name every setting a run used and a changed
+    default makes earlier results stale (snakemake reruns on changed params) instead of silently reused. For an
+    in-LLM method the schedule's and the pruning loop's hyperparameters count too. Raises `HparamError` naming
+    a hyperparameter the method does not take.
+    """
+    defaults = _keyword_defaults(get_method(method))
+    if method_stage(method) == "llm":
+        spec = in_llm(method)
+        if spec.schedule is not None:  # the schedule places the stages, not the selection's own `layer`
+            defaults.pop("layer", None)
+            defaults |= _keyword_defaults(spec.schedule)
+        defaults |= {"positions": spec.positions, "budget_mode": "layer_average"}
+    unknown = sorted(set(hparams) - set(defaults))
+    if unknown:
+        allowed = ", ".join(sorted(defaults)) or "none"
+        raise HparamError(unknown[0], f"method {method!r} has no hyperparameter {unknown[0]!r}; it takes {allowed}")
+    return {**defaults, **hparams}
+
+
+def _keyword_defaults(fn) -> dict:
+    parameters = inspect.signature(fn).parameters.values()
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+
+
 def entry_budgets(entry: dict | None, budgets: list[int]) -> list[int]:
     """The budgets a `methods.<name>` entry runs at: its own `budgets` key, else the study's `budgets`.
 
@@ -274,6 +303,7 @@ def import_plugins(modules: list[str]) -> None:
         _PLUGINS.add(name)
 
 
+@functools.cache  # once per process: every `get_method` call used to rescan the package (~ms, inside timed loops)
 def _import_builtin_methods() -> None:
     for info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{info.name}")
