@@ -203,3 +203,22 @@ def test_in_llm_measured_record_joins_without_a_reduce_time(tmp_path):
     assert "measured/reduce_ms" not in fastv and "measured/reduce_fraction_of_full_prefill" not in fastv
     text = efficiency_markdown(efficiency_summary(table), table, measured)
     assert "| fastv | 64 | 64.0 | 1 | 1.000 | 1 | 8 | 2.50× | – |" in text
+
+
+def test_in_llm_cells_give_both_token_counts(tmp_path):
+    files = [write_result(tmp_path / "a.json", "full", 576, 576, 80.0, 100.0)]
+    for name, budget, per_layer in (("fastv", 64, [576, 576, 64, 64]), ("fastv_avg", 320, [576, 576, 64, 64])):
+        result = {
+            "model": "m", "dataset": "d", "method": name, "budget": budget, "n": 10, "num_visual_tokens": [576],
+            "metrics": {"accuracy": 70.0},
+            "in_llm": {"visual_tokens_per_layer": per_layer, "visual_tokens_layer_avg": sum(per_layer) / 4},
+        }
+        (tmp_path / f"{name}.json").write_text(json.dumps(result))
+        files.append(tmp_path / f"{name}.json")
+    table = tidy(files)
+    fastv = table.filter((pl.col("method") == "fastv") & (pl.col("metric") == "accuracy"))
+    assert (fastv["tokens"][0], fastv["kept"][0]) == (320, 64)
+    text = markdown(table)
+    # budget_mode kept: the column is the kept count; by layer average: the column is the average
+    assert "| fastv | – | 70.0 (kept 64, avg 320) |" in text
+    assert "| fastv_avg | 70.0 (kept 64, avg 320) | – |" in text

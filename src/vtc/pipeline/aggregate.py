@@ -89,13 +89,14 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
                 {
                     **{k: result[k] for k in KEYS},
                     "tokens": visual_tokens(result),
+                    "kept": visual_tokens_kept(result),
                     "metric": metric,
                     "metric_rank": rank,
                     "value": float(value),
                     "n": n,
                 }
             )
-    table = pl.DataFrame(rows, schema_overrides={"budget": pl.Int64, "tokens": pl.Int64})
+    table = pl.DataFrame(rows, schema_overrides={"budget": pl.Int64, "tokens": pl.Int64, "kept": pl.Int64})
     full = table.filter(pl.col("method") == "full").select("model", "dataset", "metric", full_value="value")
     return (
         table.join(full, on=["model", "dataset", "metric"], how="left")
@@ -118,6 +119,14 @@ def visual_tokens(result: dict) -> int:
     return max(result["num_visual_tokens"])
 
 
+def visual_tokens_kept(result: dict) -> int:
+    """The visual tokens of a run's last LLM layers: what an in-LLM method keeps after its (last) prune layer, else
+    the k it spliced."""
+    if result.get("in_llm"):
+        return result["in_llm"]["visual_tokens_per_layer"][-1]
+    return max(result["num_visual_tokens"])
+
+
 def headline_metric(table: pl.DataFrame, dataset: str) -> str:
     """The benchmark's first reported metric (scorers put the headline first); never a cost."""
     scores = table.filter((pl.col("dataset") == dataset) & IS_SCORE)
@@ -125,7 +134,8 @@ def headline_metric(table: pl.DataFrame, dataset: str) -> str:
 
 
 def markdown(table: pl.DataFrame) -> str:
-    """Per model and dataset: methods as rows, budgets as columns, headline metric (and Δ to full)."""
+    """Per model and dataset: methods as rows, budgets as columns, headline metric; an in-LLM run's cell also gives
+    both of its token counts (kept after pruning, average over layers)."""
     sections = []
     for (model, dataset), part in table.group_by(["model", "dataset"], maintain_order=True):
         metric = headline_metric(part, dataset)
@@ -135,8 +145,10 @@ def markdown(table: pl.DataFrame) -> str:
         lines = [
             f"### {dataset} — {model} — {metric}",
             "",
-            "Budgets are visual tokens averaged over the LLM's layers: methods that reduce before the LLM feed that many to "
-            "every layer; in-LLM methods (fastv, dart) feed all of them to the layers before they prune and fewer after.",
+            "Columns are budgets. A method that reduces before the LLM feeds that many visual tokens to every layer. An "
+            "in-LLM method (fastv, dart, sparsevlm) feeds all of them to the layers before it prunes and fewer after; its "
+            "cells read `accuracy (kept K, avg A)`: K tokens in the last layers, A averaged over the layers. A is the "
+            "budget by default (as those papers count), K with `budget_mode: kept`.",
             "",
             "| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
             "|---|" + "---:|" * len(budgets),
@@ -147,8 +159,13 @@ def markdown(table: pl.DataFrame) -> str:
         for method in sorted(set(part["method"]) - {"full"}):
             cells = []
             for budget in budgets:
-                value = part.filter((pl.col("method") == method) & (pl.col("budget") == budget))["value"]
-                cells.append(f"{value[0]:.1f}" if len(value) else "–")
+                run = part.filter((pl.col("method") == method) & (pl.col("budget") == budget))
+                if not len(run):
+                    cells.append("–")
+                elif run["kept"][0] != run["tokens"][0]:
+                    cells.append(f"{run['value'][0]:.1f} (kept {run['kept'][0]}, avg {run['tokens'][0]})")
+                else:
+                    cells.append(f"{run['value'][0]:.1f}")
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
