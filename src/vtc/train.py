@@ -151,10 +151,16 @@ def cosine_schedule(optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     )
 
 
-def train_vision(model, pixels: torch.Tensor, metas: list[dict], steps: int, batch_size: int, lr: float, rng) -> list[dict]:
+def train_vision(
+    model, pixels: torch.Tensor, metas: list[dict], steps: int, batch_size: int, lr: float, rng
+) -> list[dict]:
     """Stage 1: vision tower + projector on the dense labels. pixels: [N, 3, H, W]."""
     heads = VisionHeads(model.config.text_config.hidden_size)
-    parameters = [*model.model.vision_tower.parameters(), *model.model.multi_modal_projector.parameters(), *heads.parameters()]
+    parameters = [
+        *model.model.vision_tower.parameters(),
+        *model.model.multi_modal_projector.parameters(),
+        *heads.parameters(),
+    ]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05)
     schedule = cosine_schedule(optimizer, steps)
     history = []
@@ -319,7 +325,9 @@ def train_language(
         visual = model.model.multi_modal_projector(features[chosen])
         embeds = embeds.masked_scatter((batch["input_ids"] == image_token_id)[..., None], visual)
         output = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
-        rows, queries, target_mask = answer_queries(batch, turns, image_token_id, language_model.config.num_attention_heads)
+        rows, queries, target_mask = answer_queries(
+            batch, turns, image_token_id, language_model.config.num_attention_heads
+        )
         shares = [attention_rows(*keep.kept[a.layer_idx], rows, queries, a.scaling) for a in grounded_layers]
         ground = grounding_loss(shares, target_mask)
         (output.loss + ground).backward()
@@ -348,7 +356,9 @@ def evaluate_accuracy(model, processor, rows: list[dict], batch_size: int = 64) 
     hits: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        prompts = [processor.apply_chat_template(_conversation([r["question"]]), add_generation_prompt=True) for r in chunk]
+        prompts = [
+            processor.apply_chat_template(_conversation([r["question"]]), add_generation_prompt=True) for r in chunk
+        ]
         batch = processor(
             images=[r["image"] for r in chunk], text=prompts, return_tensors="pt", padding=True, padding_side="left"
         )
@@ -378,7 +388,9 @@ def majority_baseline(train_rows, test_rows) -> dict[str, float]:
 @torch.no_grad()
 def frozen_features(model, pixels: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     model.eval()
-    features = torch.cat([vision_features(model, pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)])
+    features = torch.cat(
+        [vision_features(model, pixels[s : s + batch_size]) for s in range(0, len(pixels), batch_size)]
+    )
     model.train()
     return features
 
@@ -438,7 +450,9 @@ def train(
         "seed": seed,
         "train_minutes": (time.time() - started) / 60,
         "test_accuracy": evaluate_accuracy(model, processor, test_rows),
-        "test_majority_baseline": majority_baseline(list(splits["train"].select_columns(["answers", "family"])), test_rows),
+        "test_majority_baseline": majority_baseline(
+            list(splits["train"].select_columns(["answers", "family"])), test_rows
+        ),
         "vision_history": vision_history,
         "history": history,
     }
@@ -462,7 +476,9 @@ def main() -> None:
     parser.add_argument("--max-turns", type=int, default=4, help="questions per image in one training sequence")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
-        "--init-from", type=Path, help="continue from a saved checkpoint (e.g. with --vision-steps 0) instead of random weights"
+        "--init-from",
+        type=Path,
+        help="continue from a saved checkpoint (e.g. with --vision-steps 0) instead of random weights",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

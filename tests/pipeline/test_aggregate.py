@@ -42,6 +42,8 @@ def test_tidy_table_is_long_and_relative_to_full(tmp_path):
     assert random["relative_to_full"].to_list() == [0.25]
     text = markdown(table)
     assert "| full (576 tokens) | 80.0 |" in text and "| pool | 60.0 |" in text
+    recall_table = text.split("target_recall")[-1]
+    assert "| full (576 tokens) | 100.0 |" in recall_table and "| random | 25.0 |" in recall_table
 
 
 def test_zero_full_value_gives_no_ratio(tmp_path):

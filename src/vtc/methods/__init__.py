@@ -7,7 +7,10 @@ A method is a pure function, in one file of this package (or of a user's module)
 
 It sees the whole batch of cached encoder outputs and returns, per image, the `budget` vectors the
 language model will see, in the order it will see them, and which input patches each came from.
-Hyperparameters come from `config.yaml` (`methods: {name: {hparam: value}}`) as keyword arguments.
+Hyperparameters come from `config.yaml` (`methods: {name: {hparam: value}}`) as keyword arguments, except
+`positions`, which every method has and the pipeline consumes (`split_positions`): the position ids the LLM gives
+the tokens, "renumbered" (k consecutive ids where the image was) or "original" (each token's source patches' ids in
+the unreduced sequence, `vtc.models.llava.original_positions`).
 
 A method that changes the vision encoder itself (ToMe merges inside every encoder layer) cannot work from the
 shared encode cache. It registers with `stage="encoder"` and runs the model's vision tower and projector itself:
@@ -163,6 +166,13 @@ class Selection:
     members: torch.Tensor
 
 
+# Position ids of the visual tokens the LLM sees: "original" keeps each token's id in the unreduced sequence (gapped
+# where tokens were dropped), "renumbered" gives the k tokens k consecutive ids.
+POSITIONS = ("original", "renumbered")
+# Where a method that reduces before the LLM leaves `positions` unset: what LLaVA-style reduction papers feed.
+PRE_LLM_POSITIONS = "renumbered"
+
+
 class HparamError(ValueError):
     """A method's setting that cannot run; `key` names the hyperparameter (None: the budget itself)."""
 
@@ -217,7 +227,7 @@ def get_method(name: str) -> Method:
 
 
 def method_stage(name: str) -> str:
-    """"tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself, "llm" for one
+    """ "tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself, "llm" for one
     that prunes inside the language model."""
     get_method(name)
     return _STAGES[name]
@@ -248,7 +258,7 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
     What a result's cache key and metrics record, so that they name every setting a run used and a changed
     default makes earlier results stale (snakemake reruns on changed params) instead of silently reused. For an
     in-LLM method the schedule's and the pruning loop's hyperparameters count too. Raises `HparamError` naming
-    a hyperparameter the method does not take.
+    a hyperparameter the method does not take or a `positions` that is not one of `POSITIONS`.
     """
     defaults = _keyword_defaults(get_method(method))
     if method_stage(method) == "llm":
@@ -257,11 +267,26 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
             defaults.pop("layer", None)
             defaults |= _keyword_defaults(spec.schedule)
         defaults |= {"positions": spec.positions, "budget_mode": "layer_average"}
+    else:
+        defaults |= {"positions": PRE_LLM_POSITIONS}
     unknown = sorted(set(hparams) - set(defaults))
     if unknown:
-        allowed = ", ".join(sorted(defaults)) or "none"
+        allowed = ", ".join(sorted(defaults))
         raise HparamError(unknown[0], f"method {method!r} has no hyperparameter {unknown[0]!r}; it takes {allowed}")
-    return {**defaults, **hparams}
+    resolved = {**defaults, **hparams}
+    if resolved["positions"] not in POSITIONS:
+        raise HparamError(
+            "positions",
+            f"method {method!r}: positions must be one of {', '.join(POSITIONS)}, got {resolved['positions']!r}",
+        )
+    return resolved
+
+
+def split_positions(hparams: dict) -> tuple[str, dict]:
+    """(positions, the hyperparameters the method function takes) of a method that reduces before the LLM: the
+    pipeline places the tokens, so the function never sees `positions`."""
+    own = dict(hparams)
+    return own.pop("positions", PRE_LLM_POSITIONS), own
 
 
 def _keyword_defaults(fn) -> dict:

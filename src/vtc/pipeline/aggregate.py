@@ -100,9 +100,7 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
     full = table.filter(pl.col("method") == "full").select("model", "dataset", "metric", full_value="value")
     return (
         table.join(full, on=["model", "dataset", "metric"], how="left")
-        .with_columns(
-            relative_to_full=pl.when(pl.col("full_value") != 0).then(pl.col("value") / pl.col("full_value"))
-        )
+        .with_columns(relative_to_full=pl.when(pl.col("full_value") != 0).then(pl.col("value") / pl.col("full_value")))
         .drop("full_value")
         .sort(
             ["model", "dataset", "metric_rank", "metric", "method", "budget"],
@@ -135,13 +133,12 @@ def headline_metric(table: pl.DataFrame, dataset: str) -> str:
 
 def markdown(table: pl.DataFrame) -> str:
     """Per model and dataset: methods as rows, budgets as columns, headline metric; an in-LLM run's cell also gives
-    both of its token counts (kept after pruning, average over layers)."""
+    both of its token counts (kept after pruning, average over layers). Then `target_recall`, where the benchmark
+    records which patches each question is about: whether a method kept the tokens that matter, whatever the model
+    makes of them."""
     sections = []
     for (model, dataset), part in table.group_by(["model", "dataset"], maintain_order=True):
         metric = headline_metric(part, dataset)
-        part = part.filter(pl.col("metric") == metric)
-        budgets = sorted(part.filter(pl.col("method") != "full")["budget"].unique().to_list(), reverse=True)
-        full = part.filter(pl.col("method") == "full")["value"]
         lines = [
             f"### {dataset} — {model} — {metric}",
             "",
@@ -150,25 +147,44 @@ def markdown(table: pl.DataFrame) -> str:
             "cells read `accuracy (kept K, avg A)`: K tokens in the last layers, A averaged over the layers. A is the "
             "budget by default (as those papers count), K with `budget_mode: kept`.",
             "",
-            "| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |",
-            "|---|" + "---:|" * len(budgets),
+            *_method_budget_table(part.filter(pl.col("metric") == metric)),
         ]
-        if len(full):
-            lines.append(f"| full ({part.filter(pl.col('method') == 'full')['tokens'][0]} tokens) | "
-                         + " | ".join(f"{full[0]:.1f}" for _ in budgets) + " |")
-        for method in sorted(set(part["method"]) - {"full"}):
-            cells = []
-            for budget in budgets:
-                run = part.filter((pl.col("method") == method) & (pl.col("budget") == budget))
-                if not len(run):
-                    cells.append("–")
-                elif run["kept"][0] != run["tokens"][0]:
-                    cells.append(f"{run['value'][0]:.1f} (kept {run['kept'][0]}, avg {run['tokens'][0]})")
-                else:
-                    cells.append(f"{run['value'][0]:.1f}")
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        recall = part.filter(pl.col("metric") == "target_recall")
+        if metric != "target_recall" and len(recall):
+            lines += [
+                "",
+                f"#### {dataset} — {model} — target_recall",
+                "",
+                "Share (%) of the patches of the objects a question names that the tokens reaching the LLM's last layers "
+                "still cover.",
+                "",
+                *_method_budget_table(recall),
+            ]
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
+
+
+def _method_budget_table(part: pl.DataFrame) -> list[str]:
+    """Markdown rows of one metric: `full` first, then each method (rows) at each budget (columns)."""
+    budgets = sorted(part.filter(pl.col("method") != "full")["budget"].unique().to_list(), reverse=True)
+    lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    full = part.filter(pl.col("method") == "full")
+    if len(full):
+        lines.append(
+            f"| full ({full['tokens'][0]} tokens) | " + " | ".join(f"{full['value'][0]:.1f}" for _ in budgets) + " |"
+        )
+    for method in sorted(set(part["method"]) - {"full"}):
+        cells = []
+        for budget in budgets:
+            run = part.filter((pl.col("method") == method) & (pl.col("budget") == budget))
+            if not len(run):
+                cells.append("–")
+            elif run["kept"][0] != run["tokens"][0]:
+                cells.append(f"{run['value'][0]:.1f} (kept {run['kept'][0]}, avg {run['tokens'][0]})")
+            else:
+                cells.append(f"{run['value'][0]:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def predicted_preset(table: pl.DataFrame) -> str | None:
