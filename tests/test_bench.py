@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vtc import bench, cost
-from vtc.models import inllm
+from vtc.models import inllm, llava
 
 TIMINGS = ("reduce_ms", "prefill_ms", "decode_ms", "decode_tokens_per_s", "e2e_ms", "e2e_ms_per_sample")
 FIGURES = TIMINGS + ("peak_memory_mb", "peak_memory_growth_mb")
@@ -94,6 +94,24 @@ def test_in_llm_loop_with_nothing_pruned_generates_what_greedy_does():
     assert torch.equal(ours, bench.greedy(model, embeds, mask, new_tokens=12))
 
 
+def test_original_positions_in_the_timed_loop_generate_what_the_pipeline_loop_does():
+    """With `positions=original` the timed loop feeds the model's forward the position ids the pipeline's loop
+    (`inllm.generate_at_positions`) uses, and gets its tokens."""
+    model, embeds, mask, image_mask = tiny_inputs(visual_tokens=3)
+    offsets = [torch.tensor([7, 3, 30]), torch.tensor([0, 12, 5])]  # a gapped, unordered placement of 3 of 40
+    positions = llava.original_positions(mask, image_mask, offsets, num_patches=40)
+    assert positions[0, :9].tolist() == [0, 1, 2, 3, 4 + 7, 4 + 3, 4 + 30, 4 + 40, 4 + 41]  # 4 text tokens first
+    ours = bench.greedy(model, embeds, mask, new_tokens=6, position_ids=positions)
+    assert torch.equal(ours, inllm.generate_at_positions(model, embeds, mask, positions, 6))
+
+
+def test_a_pre_llm_method_is_timed_at_its_positions():
+    argv = ["--random-tiny", "--device", "cpu", "--methods", "cluster:positions=original", "--budgets", "64"]
+    result = bench.main(argv + ["--repeats", "1", "--warmup", "0", "--new-tokens", "2"])
+    record = result["records"][1]
+    assert record["hparams"] == {"positions": "original"} and record["visual_tokens"] == 64
+
+
 def test_prefill_clock_splits_one_call_and_removes_its_hooks():
     model, embeds, mask, image_mask = tiny_inputs()
     plan = inllm.plan("dart", 5, {"budget_mode": "kept", "layer": 1}, num_layers=4, num_patches=10)
@@ -172,6 +190,7 @@ def test_in_llm_budget_is_a_layer_average_by_default():
     [
         (["--methods", "full,tome"], "'tome'.*vision tower"),
         (["--methods", "fastv", "--attn", "flash_attention_2"], "'fastv'.*--attn sdpa or eager"),
+        (["--methods", "cluster:positions=gapped"], "positions must be one of original, renumbered, got 'gapped'"),
     ],
 )
 def test_methods_bench_cannot_time_are_refused_before_loading(extra, message, monkeypatch):

@@ -10,6 +10,8 @@ vectors into the prompt embeddings, generate greedily) and times each part:
     decode    new_tokens - 1 greedy steps of one token each through the KV cache (the first generated token
               comes from prefill, as in `vtc.cost.estimate`); reported as tokens/s over the batch
     e2e       reduce + prefill + decode of the same run, per batch and per sample
+              (a method with `positions=original` feeds its tokens at their original position ids, computed from its
+              sources inside prefill, as `vtc.models.llava.original_positions`; the model's own forward takes them)
     peak mem  GPU: torch.cuda.max_memory_allocated; CPU: the process's peak resident set (VmHWM, reset through
               /proc/self/clear_refs before each run), both also as growth over what was allocated before the run
 
@@ -68,7 +70,7 @@ from typing import Callable
 import torch
 
 from vtc import cost
-from vtc.methods import VisualTokens, get_method, import_plugins, method_stage
+from vtc.methods import VisualTokens, get_method, import_plugins, method_stage, resolved_hparams, split_positions
 from vtc.models import inllm, llava
 from vtc.pipeline.encode import image_seed
 
@@ -340,22 +342,32 @@ def splice(s: Setup, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def greedy(model, inputs_embeds, attention_mask, new_tokens: int, times: dict | None = None) -> torch.Tensor:
+def greedy(
+    model, inputs_embeds, attention_mask, new_tokens: int, times: dict | None = None, position_ids=None
+) -> torch.Tensor:
     """[B, new_tokens] greedy tokens: one prefill forward, then new_tokens - 1 cached one-token steps.
 
     What `model.generate(inputs_embeds=..., do_sample=False)` computes, without its stopping criteria: every run
     does the same amount of work whatever the tokens (an EOS does not end it). `times`, if given, receives the
-    host clock after prefill and after decode."""
-    out = model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=True, logits_to_keep=1)
+    host clock after prefill and after decode. position_ids [B, L], if given, are the prompt's (unpadded rows: the
+    model's default is 0 … L − 1); each new token continues from the last one + 1."""
+    out = model(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+        logits_to_keep=1,
+    )  # fmt: skip
     token = out.logits[:, -1].argmax(dim=-1)
     tokens = [token]
     if times is not None:
         times["prefill_end"] = clock(inputs_embeds.device)
     past, mask = out.past_key_values, attention_mask
     ones = mask.new_ones(mask.shape[0], 1)
+    position = None if position_ids is None else position_ids[:, -1:]
     for _ in range(new_tokens - 1):
         mask = torch.cat([mask, ones], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=mask, past_key_values=past, use_cache=True)
+        position = None if position is None else position + 1
+        out = model(
+            input_ids=token[:, None], attention_mask=mask, position_ids=position, past_key_values=past, use_cache=True
+        )
         token = out.logits[:, -1].argmax(dim=-1)
         tokens.append(token)
         past = out.past_key_values
@@ -370,15 +382,27 @@ def greedy_in_llm(model, inputs_embeds, attention_mask, image_mask, plan_, new_t
     return inllm.generate_pruned(model, inputs_embeds, attention_mask, image_mask, plan_, new_tokens).ids
 
 
+def original_position_ids(s: Setup, mask: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] of a spliced batch (`splice`) with each visual token at its original position: what
+    `llava.original_positions` gives the pipeline's prompts. sources: [B, k, N] bool."""
+    image_mask = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    image_mask[:, s.image_position : s.image_position + sources.shape[1]] = True
+    offsets = [llava.source_positions(row) for row in sources]
+    return llava.original_positions(mask, image_mask, offsets, sources.shape[-1])
+
+
 @torch.no_grad()
 def run_once(s: Setup, method, budget: int, hparams: dict, new_tokens: int) -> dict:
-    """One timed pass of a method at a budget; seconds of each part and the number of visual tokens fed."""
+    """One timed pass of a method at a budget; seconds of each part and the number of visual tokens fed. Its
+    `positions` hyperparameter places the tokens (inside prefill, like the splice); the method never sees it."""
     device = s.model.device
+    positions, own_hparams = split_positions(hparams)
     t = {"start": clock(device)}
-    reduced = method(s.visual, budget, **hparams)
+    reduced = method(s.visual, budget, **own_hparams)
     t["reduce_end"] = clock(device)  # also waits for the reduction's kernels when it ran on the GPU
     embeds, mask = splice(s, reduced.tokens)
-    greedy(s.model, embeds, mask, new_tokens, t)
+    position_ids = original_position_ids(s, mask, reduced.sources) if positions == "original" else None
+    greedy(s.model, embeds, mask, new_tokens, t, position_ids)
     return {
         "reduce": t["reduce_end"] - t["start"],
         "prefill": t["prefill_end"] - t["reduce_end"],
@@ -485,8 +509,10 @@ class Run:
 
 def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
     """Refuses, before the model loads, what this script cannot time: encoder-stage methods (they replace the vision
-    tower's forward, and the benchmark starts from its cached output) and in-LLM methods without a 4-D-mask kernel."""
-    for label, name, _ in specs:
+    tower's forward, and the benchmark starts from its cached output), in-LLM methods without a 4-D-mask kernel, and
+    hyperparameters a method does not take or a `positions` value that does not exist (`resolved_hparams`)."""
+    for label, name, hparams in specs:
+        resolved_hparams(name, hparams)
         stage = method_stage(name)
         if stage == "encoder":
             raise ValueError(

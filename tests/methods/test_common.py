@@ -91,11 +91,28 @@ def test_resolved_hyperparameters_write_out_every_default_and_reject_unknown_nam
     from vtc.methods import HparamError, resolved_hparams
 
     assert resolved_hparams("cluster", {"init": "grid"}) == {
-        "space": "projected", "iters": 10, "init": "grid", "distance": "l2", "aggregate": "mean"
+        "space": "projected", "iters": 10, "init": "grid", "distance": "l2", "aggregate": "mean", "positions": "renumbered"
     }
-    assert resolved_hparams("full", {}) == {}
+    # every method has the pipeline's `positions`: renumbered before the LLM, the reference's in it
+    assert resolved_hparams("full", {}) == {"positions": "renumbered"}
+    assert resolved_hparams("tome", {"positions": "original"})["positions"] == "original"
     # in-LLM: the selection's layer, and the pruning loop's positions and budget_mode
     assert resolved_hparams("fastv", {"budget_mode": "kept"}) == {"layer": 2, "positions": "original", "budget_mode": "kept"}
-    with pytest.raises(HparamError, match="method 'cluster' has no hyperparameter 'iter'; it takes aggregate, distance, init, iters, space") as error:
+    with pytest.raises(HparamError, match="method 'cluster' has no hyperparameter 'iter'; it takes aggregate, distance, init, iters, positions, space") as error:
         resolved_hparams("cluster", {"iter": 3})
     assert error.value.key == "iter"
+    for method in ("pool", "dart"):
+        message = f"method '{method}': positions must be one of original, renumbered, got 'gapped'"
+        with pytest.raises(HparamError, match=message) as error:
+            resolved_hparams(method, {"positions": "gapped"})
+        assert error.value.key == "positions"
+
+
+@pytest.mark.parametrize("name", BASE_METHODS + ZOO)
+def test_positions_go_to_the_pipeline_not_to_the_method(make_tokens, name):
+    from vtc.methods import resolved_hparams, split_positions
+
+    positions, own = split_positions(resolved_hparams(name, {"positions": "original"}))
+    assert positions == "original" and "positions" not in own
+    get_method(name)(make_tokens(1, GRID), 4, **own)  # every other written-out default is the method's own
+    assert split_positions({}) == ("renumbered", {})

@@ -95,7 +95,10 @@ def test_encoder_level_method_reduces_from_the_images(tiny_model_dir, shapes_dir
     torch.testing.assert_close(tensors["tokens"][2], alone.tokens[0], rtol=0, atol=1e-5)
     assert torch.equal(sources[2], alone.sources[0])
 
-    other = reduce_in_encoder(dataset, model_cfg, "tome", 128, {"prop_attn": False}, tmp_path / "plain", batch_size=4, shard_size=5)
+    # `positions` is the pipeline's: in the key, never passed to the method (which would raise TypeError)
+    hparams = {"prop_attn": False, "positions": "original"}
+    other = reduce_in_encoder(dataset, model_cfg, "tome", 128, hparams, tmp_path / "plain", batch_size=4, shard_size=5)
+    assert other["key"]["hparams"]["positions"] == "original"
     assert other["fingerprint"] != manifest["fingerprint"]
     with pytest.raises(CacheMismatch, match="differs in: hparams"):
         Store.open(tmp_path / "tome", other["key"])

@@ -84,7 +84,8 @@ def test_measure_labels_records_by_config_method_name(tiny_model_dir, tmp_path):
     settings = {"batch_size": 1, "new_tokens": 2, "warmup": 0, "repeats": 1}
     out = tmp_path / "efficiency" / "tiny" / "measured.json"
     fastv_kept = {"method": "fastv", "budget_mode": "kept"}
-    methods = {"full": None, "cluster": {"iters": 2}, "tome": {}, "fastv_kept": fastv_kept}
+    cluster_original = {"method": "cluster", "iters": 2, "positions": "original"}
+    methods = {"full": None, "cluster": {"iters": 2}, "tome": {}, "fastv_kept": fastv_kept, "c_orig": cluster_original}
     measure("tiny", model, methods, [16], settings, 1, 0, [], out)
     saved = json.loads(out.read_text())
     assert saved["model"] == "tiny"
@@ -93,6 +94,7 @@ def test_measure_labels_records_by_config_method_name(tiny_model_dir, tmp_path):
         ("full", "full", {}, 576),
         ("cluster", "cluster", {"iters": 2}, 16),
         ("fastv_kept", "fastv", {"budget_mode": "kept"}, 16),  # the hparams its evaluate runs use
+        ("c_orig", "cluster", {"iters": 2, "positions": "original"}, 16),  # timed at its original positions
     ]
     assert saved["records"][2]["visual_tokens_per_layer"] == [576, 576, 16, 16]
     assert saved["settings"]["attn_implementation"] == "sdpa" and "--model" in saved["settings"]["bench_args"]

@@ -134,3 +134,66 @@ def test_tables_count_an_in_llm_run_at_its_layer_average():
 
     assert visual_tokens({"num_visual_tokens": [576], "in_llm": {"visual_tokens_layer_avg": 191.625}}) == 192
     assert visual_tokens({"num_visual_tokens": [64]}) == 64
+
+
+def test_explicit_renumbered_positions_generate_what_generate_ids_does(loaded):
+    """The loop with explicit positions (`positions: original` of pre-LLM methods) gives `generate_ids`' greedy ids
+    when the positions are the renumbered ones, in a left-padded batch whose rows stop at EOS at different steps."""
+    model, processor, prompts, visual = loaded
+    free = llava.generate_ids(model, processor, prompts, visual, max_new_tokens=6)
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [eos, free.ids[0, 2].item()]  # row 0 now stops after 3 tokens
+    try:
+        reference = llava.generate_ids(model, processor, prompts, visual, max_new_tokens=6)
+        embeds, mask, _ = llava.splice_with_image_mask(model, processor.tokenizer, prompts, visual)
+        renumbered = inllm.padded_positions(mask.bool())
+        pad = processor.tokenizer.pad_token_id
+        ids = inllm.generate_at_positions(model, embeds, mask, renumbered, 6, model.generation_config.eos_token_id, pad)
+        # every token its own patch, in order: the original positions are the renumbered ones
+        identity = [torch.eye(N, dtype=torch.bool)] * len(prompts)
+        original = llava.generate_ids_original_positions(model, processor, prompts, visual, identity, 6)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert reference.new_tokens[0] == 3 < reference.ids.shape[1]
+    assert torch.equal(ids, reference.ids) and torch.equal(original.ids, reference.ids)
+    assert original.new_tokens == reference.new_tokens and original.text_tokens == reference.text_tokens
+
+
+def test_a_merged_token_sits_at_its_sources_rounded_mean_index():
+    sources = torch.zeros(4, 50, dtype=torch.bool)
+    sources[0, 7] = True  # selected: its patch
+    sources[1, [2, 3]] = True  # mean 2.5: rounded half up
+    sources[2, [0, 1, 24, 25]] = True  # a 2 × 2 pooling window of a 24-wide grid: 12.5
+    sources[3, [4, 5, 9]] = True  # 6
+    assert llava.source_positions(sources).tolist() == [7, 3, 13, 6]
+    with pytest.raises(ValueError, match="at least one source patch"):
+        llava.source_positions(torch.zeros(1, 50, dtype=torch.bool))
+
+
+def test_original_positions_are_the_unreduced_prompt_positions_the_decoder_layers_get(loaded):
+    """Hand-made case: 3 of N = 40 tokens fed in score order, one merged; the rotary embedding gets the gapped ids."""
+    model, processor, prompts, visual = loaded
+    sources = torch.zeros(3, N, dtype=torch.bool)
+    sources[0, 7] = True
+    sources[1, [2, 3]] = True  # → 3
+    sources[2, 30] = True
+    tokens = [v[:3] for v in visual]
+    embeds, mask, image_mask = llava.splice_with_image_mask(model, processor.tokenizer, prompts, tokens)
+    ids = [processor.tokenizer(p)["input_ids"] for p in prompts]
+    before = [i.index(model.config.image_token_id) for i in ids]  # text tokens before the image
+    after = [len(i) - b - 1 for i, b in zip(ids, before)]
+    expected = []
+    for b, a in zip(before, after):  # each row from its first valid token, as model.generate counts
+        expected.append(list(range(b)) + [b + 7, b + 3, b + 30] + list(range(b + N, b + N + a)))
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    try:
+        llava.generate_ids_original_positions(model, processor, prompts, tokens, [sources] * 2, max_new_tokens=3)
+    finally:
+        hook.remove()
+    valid = mask.bool()
+    assert [seen[0][row][valid[row]].tolist() for row in range(2)] == expected
+    assert image_mask.sum(dim=1).tolist() == [3, 3] and (~valid).any()  # left padding
+    # the decode steps continue from each row's last prompt position: b + N + a, then + 1
+    decoded = [[b + N + a + step for b, a in zip(before, after)] for step in (0, 1)]
+    assert [positions[:, 0].tolist() for positions in seen[1:]] == decoded

@@ -70,6 +70,7 @@ def test_full_through_pipeline_generates_what_plain_generate_does(tiny_model_dir
     assert metrics["vision_tower_calls"] == 0
     assert metrics["num_visual_tokens"] == [576]
     assert metrics["shards"] == 2 and metrics["n"] == len(pipeline)
+    assert metrics["positions"] == "renumbered"  # the default of a method that reduces before the LLM
 
     stats = [json.loads(path.read_text()) for _, path in shards]
     assert sum(s["text_tokens"] for s in stats) == text_tokens and sum(s["new_tokens"] for s in stats) == new_tokens
@@ -81,6 +82,38 @@ def test_full_through_pipeline_generates_what_plain_generate_does(tiny_model_dir
     assert metrics["cost"]["visual_tokens_per_layer"] == layers
     assert metrics["cost"]["prefill_flops"] == cost.prefill_flops(shape, round(text_mean), layers).total
     assert metrics["cost"]["kv_cache_bytes"] == cost.kv_cache_bytes(shape, [round(text_mean) + 576] * shape.num_layers)
+
+
+def test_original_positions_run_through_the_pipeline_and_are_recorded(
+    tiny_model_dir, shapes_dir, tmp_path, monkeypatch
+):
+    from vtc.methods import resolved_hparams
+
+    model_cfg = {**MODEL_CFG, "path": str(tiny_model_dir)}
+    dataset = tmp_path / "shapes.parquet"
+    prepare_dataset("shapes", str(shapes_dir), "test", None, 5, 0, dataset)
+    encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=8)
+    hparams = resolved_hparams("cluster", {"iters": 2, "positions": "original"})  # what the workflow passes
+    # the method function never gets `positions` (it would raise TypeError): reduce keeps it for generate, in the key
+    key = expected_encode_key(model_cfg)
+    manifest = reduce_dataset(tmp_path / "encode", key, "cluster", 16, hparams, 0, tmp_path / "r")
+    assert manifest["key"]["hparams"]["positions"] == "original"
+    calls = []
+    original = llava.generate_ids_original_positions
+    monkeypatch.setattr(llava, "generate_ids_original_positions", lambda *a, **k: calls.append(1) or original(*a, **k))
+    predictions, stats = tmp_path / "0.jsonl", tmp_path / "0.json"
+    shard = generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 4, 0, 1, predictions, stats)
+    assert shard["positions"] == "original"
+    assert len(calls) == 2  # 5 questions in batches of 4
+    run_info = {"model": "tiny", "dataset": "shapes", "method": "cluster", "budget": 16, "hparams": hparams}
+    wandb = {"mode": "disabled", "group": "test", "dir": str(tmp_path)}
+    evaluate(
+        dataset, "shapes", tmp_path / "r", [predictions], [stats], tmp_path / "p.jsonl", tmp_path / "m.json", run_info,
+        model_cfg, wandb, "H100",
+    )  # fmt: skip
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["positions"] == "original" and metrics["hparams"]["positions"] == "original"
+    assert metrics["num_visual_tokens"] == [16] and metrics["n"] == 5
 
 
 def test_generated_lengths_end_at_the_first_eos():

@@ -49,6 +49,7 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
         ({"methods": {"full": {}, "pool": {"budgets": [600]}}}, "config key 'methods.pool.budgets': 600 is above the 576 visual tokens"),
         ({"methods": {"full": {}, "pool": {"budgets": []}}}, "config key 'methods.pool.budgets': [] should be non-empty"),
         ({"methods": {"full": {}, "cluster": {"iter": 3}}}, "config key 'methods.cluster.iter': method 'cluster' has no hyperparameter 'iter'"),
+        ({"methods": {"full": {}, "c": {"method": "cluster", "positions": "gapped"}}}, "config key 'methods.c.positions': 'gapped' is not one of ['original', 'renumbered']"),
         ({"wandb": {"mode": "sometimes"}}, "config key 'wandb.mode': 'sometimes' is not one of"),
         ({"efficiency": {"device_preset": "B200"}}, "config key 'efficiency.device_preset': 'B200' is not one of"),
         ({"efficiency": {"repeats": 0}}, "config key 'efficiency.repeats': 0 is less than the minimum of 1"),
@@ -180,7 +181,7 @@ def test_an_entry_can_run_a_registered_method_under_its_own_name(tmp_path, tiny_
     assert run.returncode == 0, run.stderr[-2000:]
     keys = {name: json.loads((tmp_path / f"results/reduce/tiny/shapes/{name}/16/manifest.json").read_text())["key"] for name in ("cluster", "cluster_grid")}
     # every hyperparameter is in the key, defaults written out, so that a changed default is a changed key
-    defaults = {"space": "projected", "iters": 10, "init": "kmeans++", "distance": "l2", "aggregate": "mean"}
+    defaults = {"space": "projected", "iters": 10, "init": "kmeans++", "distance": "l2", "aggregate": "mean", "positions": "renumbered"}
     assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {**defaults, "init": "grid", "iters": 1})
     assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {**defaults, "iters": 2})
 

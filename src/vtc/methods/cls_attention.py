@@ -3,8 +3,8 @@
 FasterVLM, "[CLS] Attention is All You Need for Training-Free Visual Token Pruning" (Zhang et al.,
 arXiv 2412.01818; Theia-4869/FasterVLM, ported in ModelTC/LightCompress `fastervlm.py`): the CLS → patch
 attention of the feature layer, averaged over heads, top-k. Deliberate difference: the official code keeps
-kept tokens' original LLM position ids; positions are not a method's concern here, only the feed order
-(`order="spatial"` reproduces FasterVLM's).
+kept tokens' original LLM position ids, which here is the pipeline's `positions: original` (default renumbered);
+the method decides only the feed order (`order="spatial"` reproduces FasterVLM's).
 """
 
 from __future__ import annotations

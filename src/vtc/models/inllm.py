@@ -17,6 +17,9 @@ SparseVLM three), each with its layer K:
   group's own length (`positions="renumbered"`: the group's tokens are renumbered 0 … L'−1 and the cache continues
   from there, as SparseVLM; added tokens have no original position, so they need this).
 
+`generate_at_positions` is the same loop with nothing pruned and the prompt's position ids given: how a method that
+reduces before the LLM feeds its tokens at their original (gapped) positions (`positions: original`).
+
 The model keeps its own attention kernel (SDPA by default): masks are built here as 4-D boolean masks (additive
 float masks for eager), and the few attention rows a method needs are recomputed, never read from an eager map.
 FlashAttention-2 (which takes 2-D padding masks) is not supported by this loop.
@@ -34,9 +37,8 @@ from functools import partial
 import torch
 
 from vtc import cost
-from vtc.methods import HparamError, LayerState, Selection, Stage, get_method, in_llm
+from vtc.methods import POSITIONS, HparamError, LayerState, Selection, Stage, get_method, in_llm
 
-POSITIONS = ("original", "renumbered")
 BUDGET_MODES = ("layer_average", "kept")
 # Hyperparameters the loop itself consumes; every other one goes to the method's selection function or its
 # schedule, whichever names it as a keyword (both, for one they share).
@@ -368,7 +370,42 @@ def generate_pruned(
         group = layers[stage.layer : stop]
         hidden, normed_in, rope = _run_layers(language_model, group, hidden, valid, positions, cache)
         groups.append((group, valid, positions[:, -1:] + 1))
+    ids = _decode(model, hidden, cache, groups, max_new_tokens, eos_token_id, pad_token_id)
+    return PrunedGeneration(ids, kept, sources)
 
+
+@torch.no_grad()
+def generate_at_positions(
+    model,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    max_new_tokens: int,
+    eos_token_id=None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """Greedy ids [B, T] (padded with pad_token_id after EOS, as `model.generate`) of a left-padded batch whose prompt
+    positions have the rotary position ids `position_ids` [B, L]; each new token continues from its row's last prompt
+    position + 1. inputs_embeds [B, L, D] and attention_mask [B, L] as `llava.splice_visual_tokens` makes them. With
+    `padded_positions(attention_mask.bool())` these are `model.generate`'s greedy ids."""
+    from transformers import DynamicCache
+
+    language_model = model.model.language_model
+    valid = attention_mask.bool()
+    cache = DynamicCache(config=language_model.config)
+    layers = language_model.layers
+    hidden, _, _ = _run_layers(language_model, layers, inputs_embeds, valid, position_ids, cache)
+    groups = [(layers, valid, position_ids[:, -1:] + 1)]
+    return _decode(model, hidden, cache, groups, max_new_tokens, eos_token_id, pad_token_id)
+
+
+def _decode(model, hidden, cache, groups, max_new_tokens: int, eos_token_id, pad_token_id) -> torch.Tensor:
+    """Greedy decode steps after a prefill into `cache` whose last hidden states are `hidden` [B, L, D]: ids [B, T].
+
+    groups: per group of consecutive decoder layers, (layers, validity [B, S] of the positions its cache holds,
+    position id [B, 1] of the next token); each step runs every group over its own cache and mask."""
+    language_model = model.model.language_model
+    batch = hidden.shape[0]
     implementation = language_model.config._attn_implementation
     eos = torch.tensor(_eos_list(eos_token_id), device=hidden.device, dtype=torch.long)
     unfinished = torch.ones(batch, dtype=torch.bool, device=hidden.device)
@@ -392,4 +429,4 @@ def generate_pruned(
                 hidden = layer(hidden, attention_mask=mask, position_ids=position, past_key_values=cache,
                                use_cache=True, position_embeddings=rope)  # fmt: skip
             groups[index] = (group, group_valid, position + 1)
-    return PrunedGeneration(torch.stack(generated, dim=1), kept, sources)
+    return torch.stack(generated, dim=1)

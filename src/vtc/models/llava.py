@@ -8,6 +8,8 @@ The pipeline splits `LlavaForConditionalGeneration` at the point where visual-to
   placeholder by the k reduced vectors (no padding back to 576), and calls `model.generate` with
   `inputs_embeds`. With all 576 tokens this is exactly what `generate(pixel_values=...)` does. It also
   counts the text and generated tokens of each row, for the cost model; `decode` turns the ids into answers.
+- `generate_ids_original_positions` is the same with each visual token at its position in the unreduced prompt
+  (`positions: original`), through `vtc.models.inllm`'s decoder loop, which takes explicit position ids.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vtc.models import inllm
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -229,8 +233,6 @@ def generate_ids_pruned(
 ) -> Generation:
     """`generate_ids` for a method that prunes inside the language model (`vtc.models.inllm`): the prompts get all
     N visual tokens, and the method's `plan` (`inllm.plan`) drops image tokens before its layer K."""
-    from vtc.models import inllm
-
     inputs_embeds, attention_mask, image_mask = splice_with_image_mask(model, processor.tokenizer, prompts, visual_tokens)
     output = inllm.generate_pruned(
         model,
@@ -244,6 +246,63 @@ def generate_ids_pruned(
     )
     text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
     return Generation(output.ids, text_tokens, generated_lengths(output.ids, model.generation_config.eos_token_id))
+
+
+def source_positions(sources: torch.Tensor) -> torch.Tensor:
+    """[k, N] bool → [k] int64: each visual token's index in the unreduced sequence of N patches.
+
+    A selected token has its patch's index. A merged token (several sources) has no single index: it gets the mean of
+    its sources' indices rounded to the nearest integer, halves up (exact integer arithmetic), the centre of its
+    patches in the flattened row-major grid, so two merged tokens may share an index.
+    """
+    count = sources.sum(dim=-1)
+    if not bool((count > 0).all()):
+        raise ValueError("every visual token needs at least one source patch to have an original position")
+    total = (sources.long() * torch.arange(sources.shape[-1], device=sources.device)).sum(dim=-1)
+    return torch.div(2 * total + count, 2 * count, rounding_mode="floor")
+
+
+def original_positions(
+    attention_mask: torch.Tensor, image_mask: torch.Tensor, offsets: list[torch.Tensor], num_patches: int
+) -> torch.Tensor:
+    """Position ids [B, L] that put each visual token where its source patches were in the unreduced prompt.
+
+    attention_mask [B, L] and image_mask [B, L] as `splice_with_image_mask` makes them (left padding, one contiguous
+    block of k_b visual tokens per row); offsets: per row [k_b] int64, each token's index among the N patches
+    (`source_positions`), in feed order. Positions count from each row's first valid token, as `model.generate`
+    does: text before the image 0 … s − 1, visual token i at s + offsets[i], and the text after the image from
+    s + N on, as if all N patches were there (FastV's gapped positions).
+    """
+    positions = inllm.padded_positions(attention_mask.bool())
+    counts = image_mask.sum(dim=1, keepdim=True)
+    after_image = (image_mask.long().cumsum(dim=1) == counts) & ~image_mask
+    positions = positions + after_image * (num_patches - counts)
+    starts = positions.gather(1, image_mask.int().argmax(dim=1, keepdim=True))[:, 0]  # argmax: the first True
+    positions[image_mask] = torch.cat([start + offset.to(positions.device) for start, offset in zip(starts, offsets)])
+    return positions
+
+
+@torch.no_grad()
+def generate_ids_original_positions(
+    model: LlavaForConditionalGeneration,
+    processor,
+    prompts: list[str],
+    visual_tokens: list[torch.Tensor],
+    sources: list[torch.Tensor],
+    max_new_tokens: int,
+) -> Generation:
+    """`generate_ids` with each visual token [k_b, D] at its original position (`original_positions`) given its
+    sources [k_b, N] bool, decoded greedily by `inllm.generate_at_positions` (left padding, stops at EOS)."""
+    spliced = splice_with_image_mask(model, processor.tokenizer, prompts, visual_tokens)
+    inputs_embeds, attention_mask, image_mask = spliced
+    offsets = [source_positions(s) for s in sources]
+    positions = original_positions(attention_mask, image_mask, offsets, sources[0].shape[-1])
+    eos_token_id = model.generation_config.eos_token_id
+    ids = inllm.generate_at_positions(
+        model, inputs_embeds, attention_mask, positions, max_new_tokens, eos_token_id, processor.tokenizer.pad_token_id
+    )
+    text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
+    return Generation(ids, text_tokens, generated_lengths(ids, eos_token_id))
 
 
 def decode(processor, ids: torch.Tensor) -> list[str]:

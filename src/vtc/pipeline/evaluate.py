@@ -19,16 +19,19 @@ from tqdm import tqdm
 
 from vtc.benchmarks import get_benchmark, read_common_parquet
 from vtc.cache import Store, unpack_bool
-from vtc.methods import import_plugins, method_stage
+from vtc.methods import import_plugins, method_stage, resolved_hparams
 from vtc.models import inllm, llava
 from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.tracking import wandb_run
 
 
-def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int, plan=None):
+def _answers(
+    model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int, positions: str, plan
+):
     """Yields (row, prediction, reduced-token sources, text tokens, generated tokens) for the rows of this shard,
     one cache shard at a time. With an in-LLM method's `plan` (`vtc.models.inllm.plan`) the answers come from the
-    pruning decoder loop; the sources are then those of the N tokens the LLM gets (before it prunes)."""
+    pruning decoder loop; the sources are then those of the N tokens the LLM gets (before it prunes). Otherwise
+    `positions` ("original" or "renumbered") places the reduced tokens."""
     rows_by_image = defaultdict(list)
     for row in rows:
         rows_by_image[row["image_id"]].append(row)
@@ -44,15 +47,20 @@ def _answers(model, processor, benchmark, rows, store: Store, batch_size: int, s
             batch = pending[start : start + batch_size]
             prompts = [llava.user_turn(processor, benchmark.prompt(row)) for row, _ in batch]
             visual = [tensors["tokens"][i] for _, i in batch]
-            if plan is None:
-                generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
-            else:
+            sources = [unpack_bool(tensors["sources"][i], num_patches) for _, i in batch]
+            if plan is not None:
                 generation = llava.generate_ids_pruned(model, processor, prompts, visual, benchmark.max_new_tokens, plan)
+            elif positions == "original":
+                generation = llava.generate_ids_original_positions(
+                    model, processor, prompts, visual, sources, benchmark.max_new_tokens
+                )
+            else:
+                generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
             predictions = llava.decode(processor, generation.ids)
-            for (row, i), prediction, text_tokens, new_tokens in zip(
-                batch, predictions, generation.text_tokens, generation.new_tokens
+            for (row, _), prediction, row_sources, text_tokens, new_tokens in zip(
+                batch, predictions, sources, generation.text_tokens, generation.new_tokens
             ):
-                yield row, prediction, unpack_bool(tensors["sources"][i], num_patches), text_tokens, new_tokens
+                yield row, prediction, row_sources, text_tokens, new_tokens
 
 
 def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
@@ -87,12 +95,12 @@ def _in_llm(stats: list[dict]) -> dict | None:
     return json.loads(records.pop())
 
 
-def _attention_implementation(stats: list[dict]) -> str:
-    """The language model's attention kernel, which every generate shard of a run reports."""
-    kernels = {s["attn_implementation"] for s in stats}
-    if len(kernels) != 1:
-        raise ValueError(f"the generate shards of one run used different attention kernels: {sorted(kernels)}")
-    return kernels.pop()
+def _agreed(stats: list[dict], field: str) -> str:
+    """A setting every generate shard of a run reports (the attention kernel, the positions), the same in each."""
+    values = {s[field] for s in stats}
+    if len(values) != 1:
+        raise ValueError(f"the generate shards of one run disagree on {field}: {sorted(values)}")
+    return values.pop()
 
 
 def generate_predictions(
@@ -107,14 +115,16 @@ def generate_predictions(
     stats_path: Path,
     plugins: list[str] = (),
 ) -> dict:
-    """Answers of one shard. For a method that prunes inside the LLM (stage "llm", read from the reduce store's key)
-    the stats also get `in_llm`: its prune layer, the tokens kept after it, the visual tokens each decoder layer
-    processes and their layer average."""
+    """Answers of one shard, with the visual tokens at the position ids the `positions` hyperparameter of the reduce
+    store's key names (`vtc.methods.resolved_hparams`; stats record it). For a method that prunes inside the LLM
+    (stage "llm") the stats also get `in_llm`: its prune layer, the tokens kept after it, the visual tokens each
+    decoder layer processes and their layer average."""
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
     model, processor = llava.load_from_config(model_cfg)
     import_plugins(list(plugins))
     key = store.manifest["key"]
+    positions = resolved_hparams(key["method"], key["hparams"])["positions"]
     plan = None
     if method_stage(key["method"]) == "llm":
         plan = inllm.plan(
@@ -136,7 +146,7 @@ def generate_predictions(
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
     count = text_tokens = new_tokens = 0
-    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards, plan)
+    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards, positions, plan)
     with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
         for row, prediction, sources, row_text_tokens, row_new_tokens in answers:
             meta = json.loads(row["meta"] or "{}")
@@ -154,6 +164,7 @@ def generate_predictions(
         "text_tokens": text_tokens,  # summed over the shard's questions, as the cost model counts them
         "new_tokens": new_tokens,
         "attn_implementation": llava.attention_implementation(model),
+        "positions": positions,
     }
     if plan is not None:
         stats["in_llm"] = in_llm_record(plan)
@@ -192,7 +203,8 @@ def evaluate(
     recalls = [r["target_recall"] for r in records if r["target_recall"] is not None]
     if recalls:
         metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
-    attn_implementation = _attention_implementation(stats)
+    attn_implementation = _agreed(stats, "attn_implementation")
+    positions = _agreed(stats, "positions")
     visual_tokens = max(store.manifest["num_tokens"])  # one k per run: the store holds one [images, k, D] tensor
     in_llm = _in_llm(stats)
     run_cost = predicted_cost(
@@ -215,6 +227,8 @@ def evaluate(
         "generate_seconds": sum(s["seconds"] for s in stats),
         "shards": len(stats),
         "attn_implementation": attn_implementation,
+        # position ids of the visual tokens: "renumbered" (consecutive) or "original" (gapped, as in the full prompt)
+        "positions": positions,
         "cost": run_cost,
     }
     if in_llm:
@@ -228,6 +242,7 @@ def evaluate(
         "decoding": "greedy",
         "padding_side": "left",
         "attn_implementation": attn_implementation,
+        "positions": positions,
         "device_preset": device_preset,
         "num_visual_tokens": store.manifest["num_tokens"],
         "reduce_key": store.manifest["key"],

@@ -4,7 +4,8 @@ A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`). An
 the vision tower itself, so `reduce_in_encoder` loads the model and the dataset's images and runs the method on
 the pixels. An "llm" method (FastV, DART) prunes inside the language model: its reduce is the identity (`full`'s N
 tokens, keyed by the method, budget and hyperparameters) and `generate` prunes. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
-manifest with num_images, num_patches, num_tokens and reduce_seconds, which is all `generate` reads.
+manifest with num_images, num_patches, num_tokens and reduce_seconds, which is all `generate` reads. The `positions`
+hyperparameter is in the key for `generate`, which places the tokens; no method function receives it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vtc.cache import Store, StoreWriter, pack_bool
-from vtc.methods import VisualTokens, get_method, import_plugins, method_stage
+from vtc.methods import VisualTokens, get_method, import_plugins, method_stage, split_positions
 from vtc.models import llava
 from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images
 
@@ -38,7 +39,7 @@ def reduce_dataset(
     # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated,
     # so its hyperparameters are for `vtc.models.inllm.plan` (kept in the key), not for `full`.
     reducer = get_method("full" if stage == "llm" else method)
-    reducer_hparams = {} if stage == "llm" else hparams
+    reducer_hparams = {} if stage == "llm" else split_positions(hparams)[1]
     store = Store.open(encoded, expected_key)
     grid = tuple(store.manifest["grid"])
     key = {"encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed}
@@ -94,6 +95,7 @@ def reduce_in_encoder(
     reducer = get_method(method)
     if method_stage(method) != "encoder":
         raise ValueError(f"method {method!r} reduces the encode cache: reduce it with reduce_dataset")
+    reducer_hparams = split_positions(hparams)[1]
     model, processor = llava.load_from_config(model_cfg)
     rows, first_row = dataset_images(dataset)
     image_ids = list(first_row)
@@ -116,7 +118,7 @@ def reduce_in_encoder(
             images = model_images(images, processor, aspect_ratio)
             pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
             started = time.perf_counter()
-            reduced = reducer(model, pixel_values, budget, **hparams)
+            reduced = reducer(model, pixel_values, budget, **reducer_hparams)
             if reduced.tokens.is_cuda:
                 torch.cuda.synchronize(reduced.tokens.device)  # the clock reads finished work
             seconds += time.perf_counter() - started
