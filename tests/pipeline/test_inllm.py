@@ -48,6 +48,11 @@ def test_pruned_batch_generates_what_each_row_does_alone(loaded, method, positio
         alone = inllm.generate_pruned(model, *one, plan, 4, eos, pad)
         assert torch.equal(batch.ids[row, : alone.ids.shape[1]], alone.ids[0])
         assert torch.equal(alone.kept[0], batch.kept[row])
+    # what target_recall scores: the patches of the tokens the last layers keep, one each for a selection
+    generation = llava.generate_ids_pruned(model, processor, prompts, visual, 4, plan)
+    assert generation.pruned_sources.shape == (2, 12, N)
+    for row in range(2):
+        assert generation.pruned_sources[row].nonzero()[:, 1].tolist() == batch.kept[row].tolist()
 
 
 def test_eager_attention_gets_additive_masks_and_the_same_ids(loaded):

@@ -181,11 +181,14 @@ class Generation:
     before the longest one is padded with pad_token_id after its EOS.
     text_tokens [B]: prompt tokens besides the visual ones (the tokenised prompt minus its `<image>` placeholder).
     new_tokens [B]: tokens each row generated, its EOS included, padding excluded.
+    pruned_sources [B, V, n] bool, only where the language model itself pruned: which of the n visual tokens it was
+    given each of the V visual tokens of its last layers covers.
     """
 
     ids: torch.Tensor
     text_tokens: list[int]
     new_tokens: list[int]
+    pruned_sources: torch.Tensor | None = None
 
 
 def generated_lengths(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
@@ -245,7 +248,8 @@ def generate_ids_pruned(
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     text_tokens = [int(n) - len(v) for n, v in zip(attention_mask.sum(dim=1), visual_tokens)]
-    return Generation(output.ids, text_tokens, generated_lengths(output.ids, model.generation_config.eos_token_id))
+    new_tokens = generated_lengths(output.ids, model.generation_config.eos_token_id)
+    return Generation(output.ids, text_tokens, new_tokens, pruned_sources=output.sources)
 
 
 def source_positions(sources: torch.Tensor) -> torch.Tensor:

@@ -30,8 +30,9 @@ def _answers(
 ):
     """Yields (row, prediction, reduced-token sources, text tokens, generated tokens) for the rows of this shard,
     one cache shard at a time. With an in-LLM method's `plan` (`vtc.models.inllm.plan`) the answers come from the
-    pruning decoder loop; the sources are then those of the N tokens the LLM gets (before it prunes). Otherwise
-    `positions` ("original" or "renumbered") places the reduced tokens."""
+    pruning decoder loop, and the sources are those of the visual tokens its last layers keep (so `target_recall`
+    scores what the method kept, not the N tokens it started from). Otherwise `positions` ("original" or
+    "renumbered") places the reduced tokens."""
     rows_by_image = defaultdict(list)
     for row in rows:
         rows_by_image[row["image_id"]].append(row)
@@ -56,6 +57,9 @@ def _answers(
                 )
             else:
                 generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
+            if generation.pruned_sources is not None:
+                # [V, n] over the tokens the LLM got, [n, N] from those to patches: [V, N] over patches
+                sources = [(kept.float() @ given.float()) > 0 for kept, given in zip(generation.pruned_sources, sources)]
             predictions = llava.decode(processor, generation.ids)
             for (row, _), prediction, row_sources, text_tokens, new_tokens in zip(
                 batch, predictions, sources, generation.text_tokens, generation.new_tokens
