@@ -91,7 +91,7 @@ def test_resolved_hyperparameters_write_out_every_default_and_reject_unknown_nam
     from vtc.methods import HparamError, resolved_hparams
 
     assert resolved_hparams("cluster", {"init": "grid"}) == {
-        "space": "projected", "iters": 10, "init": "grid", "distance": "l2", "aggregate": "mean", "positions": "renumbered"
+        "space": "projected", "iters": 3, "init": "grid", "distance": "l2", "aggregate": "mean", "positions": "renumbered"
     }
     # every method has the pipeline's `positions`: renumbered before the LLM, the reference's in it
     assert resolved_hparams("full", {}) == {"positions": "renumbered"}

@@ -181,7 +181,7 @@ def test_an_entry_can_run_a_registered_method_under_its_own_name(tmp_path, tiny_
     assert run.returncode == 0, run.stderr[-2000:]
     keys = {name: json.loads((tmp_path / f"results/reduce/tiny/shapes/{name}/16/manifest.json").read_text())["key"] for name in ("cluster", "cluster_grid")}
     # every hyperparameter is in the key, defaults written out, so that a changed default is a changed key
-    defaults = {"space": "projected", "iters": 10, "init": "kmeans++", "distance": "l2", "aggregate": "mean", "positions": "renumbered"}
+    defaults = {"space": "projected", "iters": 3, "init": "kmeans++", "distance": "l2", "aggregate": "mean", "positions": "renumbered"}
     assert (keys["cluster_grid"]["method"], keys["cluster_grid"]["hparams"]) == ("cluster", {**defaults, "init": "grid", "iters": 1})
     assert (keys["cluster"]["method"], keys["cluster"]["hparams"]) == ("cluster", {**defaults, "iters": 2})
 
