@@ -29,3 +29,35 @@ def shapes_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("shapes")
     write_parquet(generate_split(40, seed=0, split="test"), path / "test.parquet")
     return path
+
+
+@pytest.fixture
+def run_in_llm_method(tiny_model_dir, shapes_dir, tmp_path):
+    """Runs prepare → encode → reduce → generate → evaluate on 5 questions for one in-LLM method and budget with the
+    tiny model; returns (metrics.json as a dict, reduce manifest, model config)."""
+    import json
+
+    from vtc.pipeline.encode import encode_dataset, expected_encode_key
+    from vtc.pipeline.evaluate import evaluate, generate_predictions
+    from vtc.pipeline.prepare import prepare_dataset
+    from vtc.pipeline.reduce import reduce_dataset
+
+    def run(method: str, budget: int, hparams: dict):
+        model_cfg = {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
+        dataset = tmp_path / "shapes.parquet"
+        prepare_dataset("shapes", str(shapes_dir), "test", None, 5, 0, dataset)
+        encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=8)
+        key = expected_encode_key(model_cfg)
+        manifest = reduce_dataset(tmp_path / "encode", key, method, budget, hparams, 0, tmp_path / "r")
+        predictions, stats = tmp_path / "0.jsonl", tmp_path / "0.json"
+        generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 5, 0, 1, predictions, stats)
+        run_info = {"model": "tiny", "dataset": "shapes", "method": method, "budget": budget}
+        wandb = {"mode": "disabled", "group": "test", "dir": str(tmp_path)}
+        evaluate(
+            dataset, "shapes", tmp_path / "r", [predictions], [stats], tmp_path / "p.jsonl", tmp_path / "m.json",
+            run_info, model_cfg, wandb, "H100",
+        )  # fmt: skip
+        assert sum(1 for _ in open(tmp_path / "p.jsonl")) == 5
+        return json.loads((tmp_path / "m.json").read_text()), manifest, model_cfg
+
+    return run

@@ -1,4 +1,3 @@
-import json
 import math
 
 import pytest
@@ -217,30 +216,10 @@ def test_first_stage_keeps_what_eager_attention_of_the_raters_ranks_first(loaded
     assert kept[0].tolist() == scores.topk(5).indices.sort().values.tolist()
 
 
-def test_sparsevlm_run_through_the_pipeline_records_its_stages(tiny_model_dir, shapes_dir, tmp_path):
-    from vtc.pipeline.encode import encode_dataset, expected_encode_key
-    from vtc.pipeline.evaluate import evaluate, generate_predictions
-    from vtc.pipeline.prepare import prepare_dataset
-    from vtc.pipeline.reduce import reduce_dataset
-
-    model_cfg = {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
-    dataset = tmp_path / "shapes.parquet"
-    prepare_dataset("shapes", str(shapes_dir), "test", None, 5, 0, dataset)
-    encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=8)
+def test_sparsevlm_run_through_the_pipeline_records_its_stages(run_in_llm_method):
     # the shapes-zoo setting at 64: 576 -> 272 (+10), 282 -> 128 (+5), 133 -> 61 (+3)
-    hparams = {"layers": [1, 2, 3], "keep": "fit", "budget_mode": "kept"}
-    manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "sparsevlm", 64, hparams, 0,
-                              tmp_path / "r")  # fmt: skip
+    metrics, manifest, _ = run_in_llm_method("sparsevlm", 64, {"layers": [1, 2, 3], "keep": "fit", "budget_mode": "kept"})
     assert manifest["num_tokens"] == [576]  # the LLM gets every token; its hyperparameters are the loop's
-    predictions, stats = tmp_path / "0.jsonl", tmp_path / "0.json"
-    generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 5, 0, 1, predictions, stats)
-    run_info = {"model": "tiny", "dataset": "shapes", "method": "sparsevlm", "budget": 64}
-    wandb = {"mode": "disabled", "group": "test", "dir": str(tmp_path)}
-    evaluate(
-        dataset, "shapes", tmp_path / "r", [predictions], [stats], tmp_path / "p.jsonl", tmp_path / "m.json",
-        run_info, model_cfg, wandb, "H100",
-    )  # fmt: skip
-    metrics = json.loads((tmp_path / "m.json").read_text())
     assert (
         metrics["in_llm"]["visual_tokens_per_layer"]
         == [576, 282, 133, 64]

@@ -1,6 +1,5 @@
 """The in-LLM pruning decoder loop (`vtc.models.inllm`) against transformers' own greedy `generate`."""
 
-import json
 
 import pytest
 import torch
@@ -93,30 +92,12 @@ def test_fastv_keeps_the_tokens_eager_attention_ranks_first(loaded):
     assert kept[0].tolist() == expected.tolist()
 
 
-def test_fastv_run_through_the_pipeline_records_its_per_layer_tokens(tiny_model_dir, shapes_dir, tmp_path):
+def test_fastv_run_through_the_pipeline_records_its_per_layer_tokens(tiny_model_dir, run_in_llm_method):
     from vtc.pipeline.efficiency import predicted_cost
-    from vtc.pipeline.encode import encode_dataset, expected_encode_key
-    from vtc.pipeline.evaluate import evaluate, generate_predictions
-    from vtc.pipeline.prepare import prepare_dataset
-    from vtc.pipeline.reduce import reduce_dataset
 
-    model_cfg = {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
-    dataset = tmp_path / "shapes.parquet"
-    prepare_dataset("shapes", str(shapes_dir), "test", None, 5, 0, dataset)
-    encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=5, shard_size=8)
     # budget 400 = the layer average on the 4-layer model: layers 0, 1 see 576, layers 2, 3 see (4*400 - 2*576)/2
-    manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "fastv", 400, {}, 0, tmp_path / "r")
+    metrics, manifest, _ = run_in_llm_method("fastv", 400, {})
     assert manifest["num_tokens"] == [576]  # the LLM gets every token; it prunes them itself
-    predictions, stats = tmp_path / "0.jsonl", tmp_path / "0.json"
-    generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 5, 0, 1, predictions, stats)
-    run_info = {"model": "tiny", "dataset": "shapes", "method": "fastv", "budget": 400}
-    wandb = {"mode": "disabled", "group": "test", "dir": str(tmp_path)}
-    evaluate(
-        dataset, "shapes", tmp_path / "r", [predictions], [stats], tmp_path / "p.jsonl", tmp_path / "m.json",
-        run_info, model_cfg, wandb, "H100",
-    )  # fmt: skip
-    assert sum(1 for _ in open(tmp_path / "p.jsonl")) == 5
-    metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["in_llm"]["visual_tokens_per_layer"] == [576, 576, 224, 224]
     assert metrics["in_llm"]["visual_tokens_after_pruning"] == 224 and metrics["in_llm"]["prune_layer"] == 2
     assert metrics["in_llm"]["visual_tokens_layer_avg"] == 400 and metrics["in_llm"]["positions"] == "original"
