@@ -1,6 +1,5 @@
 """The in-LLM pruning decoder loop (`vtc.models.inllm`) against transformers' own greedy `generate`."""
 
-
 import pytest
 import torch
 
