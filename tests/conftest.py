@@ -61,3 +61,17 @@ def run_in_llm_method(tiny_model_dir, shapes_dir, tmp_path):
         return json.loads((tmp_path / "m.json").read_text()), manifest, model_cfg
 
     return run
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir, request):
+    """The tiny model, its processor, two prompts of different lengths (a left-padded batch) and, per prompt, `N` random visual tokens (N: the
+    requesting test module's constant, small so that in-LLM loop tests stay fast on CPU)."""
+    from vtc.models import llava
+
+    model, processor = llava.load_model(str(tiny_model_dir), device="cpu")
+    questions = ["how many circles are there ?", "where is the circle relative to the green object ?"]
+    prompts = [llava.user_turn(processor, q) for q in questions]
+    g = torch.Generator().manual_seed(0)
+    visual = [torch.randn(request.module.N, model.config.text_config.hidden_size, generator=g) for _ in questions]
+    return model, processor, prompts, visual

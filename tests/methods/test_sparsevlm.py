@@ -155,17 +155,7 @@ def test_stage_order_lays_out_kept_then_added_tokens_where_the_image_was():
     ]
 
 
-QUESTIONS = ["how many circles are there ?", "where is the circle relative to the green object ?"]
 N = 40  # visual tokens per row, as tests/pipeline/test_inllm.py
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    model, processor = llava.load_model(str(tiny_model_dir), device="cpu")
-    prompts = [llava.user_turn(processor, q) for q in QUESTIONS]
-    g = torch.Generator().manual_seed(0)
-    visual = [torch.randn(N, model.config.text_config.hidden_size, generator=g) for _ in QUESTIONS]
-    return model, processor, prompts, visual
 
 
 def test_keeping_every_token_generates_what_hf_generate_does(loaded):

@@ -5,17 +5,7 @@ import torch
 
 from vtc.models import inllm, llava
 
-QUESTIONS = ["how many circles are there ?", "where is the circle relative to the green object ?"]
 N = 40  # visual tokens per row: small, so the tests stay fast on CPU
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
-    model, processor = llava.load_model(str(tiny_model_dir), device="cpu")
-    prompts = [llava.user_turn(processor, q) for q in QUESTIONS]
-    g = torch.Generator().manual_seed(0)
-    visual = [torch.randn(N, model.config.text_config.hidden_size, generator=g) for _ in QUESTIONS]
-    return model, processor, prompts, visual
 
 
 @pytest.mark.parametrize(("method", "positions"), [("fastv", "original"), ("dart", "renumbered")])
