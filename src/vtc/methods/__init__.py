@@ -190,6 +190,9 @@ class InLLM:
     positions: str = "original"
 
 
+# How an in-LLM method's budget counts by default: visual tokens averaged over the LLM's layers (`vtc.models.inllm`)
+DEFAULT_BUDGET_MODE = "layer_average"
+
 _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
 _IN_LLM: dict[str, InLLM] = {}
@@ -266,7 +269,7 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
         if spec.schedule is not None:  # the schedule places the stages, not the selection's own `layer`
             defaults.pop("layer", None)
             defaults |= _keyword_defaults(spec.schedule)
-        defaults |= {"positions": spec.positions, "budget_mode": "layer_average"}
+        defaults |= {"positions": spec.positions, "budget_mode": DEFAULT_BUDGET_MODE}
     else:
         defaults |= {"positions": PRE_LLM_POSITIONS}
     unknown = sorted(set(hparams) - set(defaults))

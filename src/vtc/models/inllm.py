@@ -37,7 +37,16 @@ from functools import partial
 import torch
 
 from vtc import cost
-from vtc.methods import POSITIONS, HparamError, LayerState, Selection, Stage, get_method, in_llm
+from vtc.methods import (
+    DEFAULT_BUDGET_MODE,
+    POSITIONS,
+    HparamError,
+    LayerState,
+    Selection,
+    Stage,
+    get_method,
+    in_llm,
+)
 
 BUDGET_MODES = ("layer_average", "kept")
 # Hyperparameters the loop itself consumes; every other one goes to the method's selection function or its
@@ -122,7 +131,7 @@ def plan(method: str, budget: int, hparams: dict, num_layers: int, num_patches: 
     spec = in_llm(method)
     hparams = dict(hparams or {})
     positions = hparams.pop("positions", spec.positions)
-    budget_mode = hparams.pop("budget_mode", "layer_average")
+    budget_mode = hparams.pop("budget_mode", DEFAULT_BUDGET_MODE)
     if positions not in POSITIONS:
         raise HparamError("positions", f"method {method!r}: positions must be one of {POSITIONS}, got {positions!r}")
     if budget_mode not in BUDGET_MODES:
