@@ -100,10 +100,54 @@ def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(pro
 
 def test_every_relation_question_of_the_testbed_names_two_objects_found_in_its_scene():
     images = train.training_images(shapes.generate_split(400, seed=0, split="train"))
-    relations = [turn for image in images for turn in image.turns if turn[0].startswith("where is")]
+    relations = [turn for image in images for turn in image.turns if turn.question.startswith("where is")]
     assert len(relations) > 50
-    for _, _, groups in relations:
+    for groups in (turn.targets for turn in relations):
         assert len(groups) == 2 and all(groups) and groups[0] != groups[1]  # objects may overlap, not coincide
+
+
+def test_named_objects_point_at_the_last_word_of_each_name():
+    objects = [
+        {"shape": "square", "color": "red", "patches": [5, 6]},
+        {"shape": "circle", "color": "red", "patches": [40]},
+        {"shape": "circle", "color": "blue", "patches": [80, 81, 82]},
+    ]
+    meta = {"objects": objects, "target_patches": [40]}
+    assert train.named_objects("where is the red circle relative to the square ?", "below", meta) == [(4, [40]), (8, [5, 6])]
+    assert train.named_objects("where is the square relative to the blue object ?", "above", meta) == [(3, [5, 6]), (8, [80, 81, 82])]
+    assert train.named_objects("what shape is the blue object ?", "circle", meta) == [(5, [40])]
+    assert train.named_objects("how many circles are there ?", "2", meta) == [(2, [40])]
+    assert train.named_objects("is there a red circle ?", "yes", meta) == [(4, [40])]
+    assert train.named_objects("is there a blue square ?", "no", meta) == []  # names no object of the scene
+
+
+def test_every_name_in_the_testbed_ends_on_a_shape_or_object_word():
+    images = train.training_images(shapes.generate_split(200, seed=0, split="train"))
+    endings = {*shapes.SHAPES, *shapes.PLURALS.values(), "object"}
+    named = [(turn.question.split()[word], patches) for image in images for turn in image.turns for word, patches in turn.names]
+    assert len(named) > 200
+    assert all(word in endings and patches for word, patches in named)
+
+
+def test_name_queries_find_each_name_in_its_own_turn(processor):
+    objects = [{"shape": "square", "color": "red", "patches": [5, 6]}, {"shape": "circle", "color": "blue", "patches": [80]}]
+    meta = {"objects": objects, "target_patches": [5, 6]}
+    questions = [("is there a blue triangle ?", "no"), ("what color is the square ?", "red"), ("where is the circle relative to the square ?", "below")]
+    turns = [[train.Turn(q, a, [], train.named_objects(q, a, meta)) for q, a in questions], [train.Turn("what color is the square ?", "red", [], [(4, [0])])]]
+    batch = train.training_batch(processor, turns)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    rows, queries, target_mask = train.name_queries(batch, turns, processor.tokenizer, image_token_id, num_heads=2)
+    assert rows.tolist() == [0, 0, 0, 1]
+    words = [processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][r, q].item()])[0] for r, q in zip(rows, queries)]
+    assert words == ["square", "circle", "square", "square"]
+    assert queries[0] < queries[1] < queries[2]  # the second turn's "square" is not the first turn's
+    image_positions = [(row == image_token_id).nonzero().flatten() for row in batch["input_ids"]]
+    expected = [image_positions[0][[5, 6]], image_positions[0][[80]], image_positions[0][[5, 6]], image_positions[1][[0]]]
+    for q, positions in enumerate(expected):
+        for head in range(2):
+            assert target_mask[q, head].nonzero().flatten().tolist() == positions.tolist()
+    negative_only = [[train.Turn("is there a blue triangle ?", "no", [], [])]]
+    assert train.name_queries(train.training_batch(processor, negative_only), negative_only, processor.tokenizer, image_token_id, 2) is None
 
 
 def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):

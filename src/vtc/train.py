@@ -11,7 +11,9 @@ over the object asks for what the language model will need: an object's tokens, 
 Stage 2, instruction tuning (as LLaVA-1.5: vision tower frozen, projector and language model trained):
 next-token loss on the answers and their end tokens of up to `max_turns` questions about one image, plus
 a grounding loss on the attention (last two layers) from each answer's prompt position to the patches of
-the objects the question names (for a relation, half the heads on each of the two objects). The frozen tower's
+the objects the question names (for a relation, half the heads on each of the two objects), and one on the
+attention (second layer) from the last word of each object name to that object's patches: a name token that has
+read its object carries the object's position, which a relation compares, to where the answer can find it. The frozen tower's
 features are computed once for all training images. Each evaluation also saves the model to `<out>/checkpoint`,
 so that an interrupted run can be continued with `--init-from <out>/checkpoint --vision-steps 0`.
 
@@ -29,6 +31,7 @@ import random
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -42,8 +45,11 @@ from vtc.models.tiny import build_model, build_processor
 COLOR_CLASSES = 1 + len(shapes.COLORS)  # background + colours
 
 
-# (question, answer, targets): targets holds one patch list per group of attention heads (see `answer_queries`)
-Turn = tuple[str, str, list[list[int]]]
+class Turn(NamedTuple):
+    question: str
+    answer: str
+    targets: list[list[int]]  # one patch list per group of attention heads at the answer (see `answer_queries`)
+    names: list[tuple[int, list[int]]] = []  # (word index, patches) of each object name (see `named_objects`)
 
 
 @dataclass
@@ -63,8 +69,26 @@ def training_images(dataset) -> list[TrainImage]:
             targets = relation_targets(row["question"], meta["objects"])
         else:
             targets = [meta["target_patches"]]
-        entry.turns.append((row["question"], row["answers"][0], targets))
+        names = named_objects(row["question"], row["answers"][0], meta)
+        entry.turns.append(Turn(row["question"], row["answers"][0], targets, names))
     return list(by_id.values())
+
+
+def named_objects(question: str, answer: str, meta: dict) -> list[tuple[int, list[int]]]:
+    """(index of the word that ends an object's name, that object's patches) for each object the question names.
+
+    The name's last word ("square" in "the red square", "object" in "the red object", "squares" in "how many
+    squares") is where a word-level model has read the whole name; a negative existence question names nothing.
+    """
+    words = question.split()
+    if words[0] == "where":
+        first, second = relation_targets(question, meta["objects"])
+        return [(words.index("relative") - 1, first), (len(words) - 2, second)]
+    if words[:2] == ["how", "many"]:
+        return [(2, meta["target_patches"])]
+    if words[:2] == ["is", "there"] and answer == "no":
+        return []
+    return [(len(words) - 2, meta["target_patches"])]
 
 
 def relation_targets(question: str, objects: list[dict]) -> list[list[int]]:
@@ -216,8 +240,8 @@ def training_batch(processor, turns: list[list[Turn]]) -> dict[str, torch.Tensor
     image_token = tokenizer.image_token
     texts = []
     for image_turns in turns:
-        questions, answers, _ = zip(*image_turns)
-        text = processor.apply_chat_template(_conversation(list(questions), list(answers)))
+        questions, answers = [turn[0] for turn in image_turns], [turn[1] for turn in image_turns]
+        text = processor.apply_chat_template(_conversation(questions, answers))
         texts.append(text.replace(image_token, image_token * shapes.GRID**2))
     batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     assistant_ids = tokenizer("ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -238,7 +262,8 @@ def answer_queries(batch, turns, image_token_id: int, num_heads: int):
     rows, queries, targets = [], [], []
     for b, image_turns in enumerate(turns):
         image_positions = image_mask[b].nonzero().flatten()
-        for (_, _, groups), query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
+        for turn, query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
+            groups = turn[2]
             if num_heads % len(groups):
                 raise ValueError(f"{num_heads} heads do not split into {len(groups)} equal groups")
             target = torch.zeros(num_heads, len(image_mask[b]), dtype=torch.bool)
@@ -249,6 +274,35 @@ def answer_queries(batch, turns, image_token_id: int, num_heads: int):
             targets.append(target)
     rows = torch.tensor(rows)
     return rows, torch.tensor(queries), torch.stack(targets)
+
+
+def name_queries(batch, turns: list[list[Turn]], tokenizer, image_token_id: int, num_heads: int):
+    """Where each object name ends in the prompt and the patches of what it names.
+
+    Returns rows [Q], query positions [Q] (the name's last word) and a bool [Q, H, L] mask of the named object's
+    patches, the same for every head; None when no question names an object. Questions are found in order in each row; the tokenizer is word-level,
+    so a question's k-th word is its k-th token.
+    """
+    rows, queries, targets = [], [], []
+    for b, image_turns in enumerate(turns):
+        ids = batch["input_ids"][b].tolist()
+        image_positions = (batch["input_ids"][b] == image_token_id).nonzero().flatten()
+        start = 0
+        for turn in image_turns:
+            question_ids = tokenizer(turn.question, add_special_tokens=False)["input_ids"]
+            if len(question_ids) != len(turn.question.split()):
+                raise ValueError(f"the tokenizer does not read {turn.question!r} one word per token")
+            start = next(p for p in range(start, len(ids)) if ids[p : p + len(question_ids)] == question_ids)
+            for word, patches in turn.names:
+                target = torch.zeros(num_heads, len(ids), dtype=torch.bool)
+                target[:, image_positions[patches]] = True
+                rows.append(b)
+                queries.append(start + word)
+                targets.append(target)
+            start += len(question_ids)
+    if not rows:
+        return None
+    return torch.tensor(rows), torch.tensor(queries), torch.stack(targets)
 
 
 def attention_rows(query: torch.Tensor, key: torch.Tensor, rows, queries, scaling: float) -> torch.Tensor:
@@ -308,6 +362,7 @@ def train_language(
     keep = KeepQueriesAndKeys()
     language_model.set_attn_implementation(keep.name)
     grounded_layers = [layer.self_attn for layer in language_model.layers[-2:]]
+    name_layer = language_model.layers[1].self_attn
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
@@ -330,17 +385,36 @@ def train_language(
         )
         shares = [attention_rows(*keep.kept[a.layer_idx], rows, queries, a.scaling) for a in grounded_layers]
         ground = grounding_loss(shares, target_mask)
-        (output.loss + ground).backward()
+        named = name_queries(
+            batch, turns, processor.tokenizer, image_token_id, language_model.config.num_attention_heads
+        )
+        if named is not None:
+            rows, queries, target_mask = named
+            name_shares = attention_rows(*keep.kept[name_layer.layer_idx], rows, queries, name_layer.scaling)
+            name_ground = grounding_loss([name_shares], target_mask)
+        else:
+            name_ground = torch.zeros(())
+        (output.loss + ground + name_ground).backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{output.loss.item():.3f}", ground=f"{ground.item():.3f}")
+        progress.set_postfix(
+            loss=f"{output.loss.item():.3f}", ground=f"{ground.item():.3f}", names=f"{name_ground.item():.3f}"
+        )
         if step % evaluate_every == 0 or step == steps:
             language_model.set_attn_implementation("sdpa")
             scores = evaluate_accuracy(model, processor, validation_rows)
             language_model.set_attn_implementation(keep.name)
-            history.append({"step": step, "loss": output.loss.item(), "ground": ground.item(), **scores})
+            history.append(
+                {
+                    "step": step,
+                    "loss": output.loss.item(),
+                    "ground": ground.item(),
+                    "names": name_ground.item(),
+                    **scores,
+                }
+            )
             print(json.dumps(history[-1]), flush=True)
             if checkpoint is not None:
                 model.save_pretrained(checkpoint)
