@@ -136,7 +136,7 @@ def test_name_queries_find_each_name_in_its_own_turn(processor):
     turns = [[train.Turn(q, a, [], train.named_objects(q, a, meta)) for q, a in questions], [train.Turn("what color is the square ?", "red", [], [(4, [0])])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    rows, queries, target_mask = train.name_queries(batch, turns, processor.tokenizer, image_token_id, num_heads=2)
+    rows, queries, target_mask, centres = train.name_queries(batch, turns, processor.tokenizer, image_token_id, num_heads=2)
     assert rows.tolist() == [0, 0, 0, 1]
     words = [processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][r, q].item()])[0] for r, q in zip(rows, queries)]
     assert words == ["square", "circle", "square", "square"]
@@ -146,8 +146,33 @@ def test_name_queries_find_each_name_in_its_own_turn(processor):
     for q, positions in enumerate(expected):
         for head in range(2):
             assert target_mask[q, head].nonzero().flatten().tolist() == positions.tolist()
+    square, circle = train.patch_centre([5, 6]), train.patch_centre([80])
+    torch.testing.assert_close(centres, torch.stack([square, circle, square, train.patch_centre([0])]))
     negative_only = [[train.Turn("is there a blue triangle ?", "no", [], [])]]
-    assert train.name_queries(train.training_batch(processor, negative_only), negative_only, processor.tokenizer, image_token_id, 2) is None
+    rows, _, target_mask, centres = train.name_queries(train.training_batch(processor, negative_only), negative_only, processor.tokenizer, image_token_id, 2)
+    assert len(rows) == len(target_mask) == len(centres) == 0
+
+
+def test_patch_centres_and_relation_offsets_in_minus_one_to_one():
+    assert train.patch_centre([0]).tolist() == [-1, -1] and train.patch_centre([575]).tolist() == [1, 1]
+    assert train.patch_centre([0, 23]).tolist() == [-1, 0]  # the two ends of the first row
+    turns = [
+        [train.Turn("what color is the square ?", "red", [[5]]), train.Turn("where is the circle relative to the square ?", "below", [[552], [0]])],
+        [train.Turn("where is the square relative to the circle ?", "right", [[23], [0]])],
+    ]
+    relations, offsets = train.relation_offsets(turns)
+    assert relations == [1, 2]  # answer rows in `answer_queries` order: image by image, turn by turn
+    assert offsets.tolist() == [[2, 0], [0, 2]]  # one whole grid below, one whole grid to the right
+
+
+def test_geometry_probes_start_silent_and_read_normalised_states():
+    probes = train.GeometryProbes(width=8)
+    hidden = torch.randn(3, 8, requires_grad=True)
+    probes.read(probes.centre, hidden).sum().backward()
+    assert hidden.grad.abs().sum() == 0  # zero weights: no push on the model until the probe has learnt a direction
+    with torch.no_grad():
+        probes.centre.weight.normal_()
+    torch.testing.assert_close(probes.read(probes.centre, 1000 * hidden), probes.read(probes.centre, hidden))
 
 
 def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):
@@ -170,6 +195,37 @@ def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, proces
         rows_only = train.attention_rows(*keep.kept[attention.layer_idx], rows, queries, attention.scaling)
         expected = eager[attention.layer_idx][rows, :, queries]
         torch.testing.assert_close(rows_only, expected, atol=1e-6, rtol=1e-4)
+
+
+def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_dir, processor):
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_model_dir)
+    keep = train.KeepQueriesAndKeys()
+    model.model.language_model.set_attn_implementation(keep.name)
+    meta = {"objects": [{"shape": "square", "color": "red", "patches": [5, 6]}, {"shape": "circle", "color": "blue", "patches": [80]}], "target_patches": [5, 6]}
+
+    def turn(question, answer, targets):
+        return train.Turn(question, answer, targets, train.named_objects(question, answer, meta))
+
+    attribute = turn("what color is the square ?", "red", [[5, 6]])
+    relation = turn("where is the circle relative to the square ?", "below", [[80], [5, 6]])
+    probes = train.GeometryProbes(model.config.text_config.hidden_size)
+
+    def losses(turns):
+        batch = train.training_batch(processor, turns)
+        output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        return train.auxiliary_losses(model, processor.tokenizer, keep, probes, batch, turns, output.hidden_states)
+
+    with_relation = losses([[attribute, relation]])
+    assert set(with_relation) == {"ground", "names", "centre", "offset"}
+    assert all(torch.isfinite(value) and value > 0 for value in with_relation.values())
+    # a zero-weight probe predicts its bias: the loss is the mean squared distance to the targets
+    bias = probes.offset.bias.detach()
+    expected = (bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
+    assert with_relation["offset"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert set(losses([[attribute]])) == {"ground", "names", "centre"}  # no relation, no offset
+    assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground"}  # names nothing
 
 
 def test_vision_heads_pool_each_object_and_score_its_shape():
