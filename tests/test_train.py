@@ -165,14 +165,12 @@ def test_patch_centres_and_relation_offsets_in_minus_one_to_one():
     assert offsets.tolist() == [[2, 0], [0, 2]]  # one whole grid below, one whole grid to the right
 
 
-def test_geometry_probes_start_silent_and_read_normalised_states():
+def test_geometry_probes_read_normalised_states_and_push_the_model_from_the_start():
     probes = train.GeometryProbes(width=8)
     hidden = torch.randn(3, 8, requires_grad=True)
-    probes.read(probes.centre, hidden).sum().backward()
-    assert hidden.grad.abs().sum() == 0  # zero weights: no push on the model until the probe has learnt a direction
-    with torch.no_grad():
-        probes.centre.weight.normal_()
     torch.testing.assert_close(probes.read(probes.centre, 1000 * hidden), probes.read(probes.centre, hidden))
+    probes.read(probes.centre, hidden).pow(2).sum().backward()
+    assert hidden.grad.abs().sum() > 0  # a zero-initialised probe would leave probe and model at a saddle
 
 
 def test_attention_rows_equal_the_eager_attention_weights(tiny_model_dir, processor):
@@ -220,10 +218,10 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
     with_relation = losses([[attribute, relation]])
     assert set(with_relation) == {"ground", "names", "centre", "offset"}
     assert all(torch.isfinite(value) and value > 0 for value in with_relation.values())
-    # a zero-weight probe predicts its bias: the loss is the mean squared distance to the targets
-    bias = probes.offset.bias.detach()
-    expected = (bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
-    assert with_relation["offset"].item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():  # a zero-weight probe predicts its bias: the loss is the mean squared distance to the target
+        probes.offset.weight.zero_()
+    expected = (probes.offset.bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
+    assert losses([[attribute, relation]])["offset"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert set(losses([[attribute]])) == {"ground", "names", "centre"}  # no relation, no offset
     assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground"}  # names nothing
 

@@ -388,9 +388,7 @@ class GeometryProbes(torch.nn.Module):
         super().__init__()
         self.width = width
         self.centre = torch.nn.Linear(width, 2)
-        self.offset = torch.nn.Linear(width, 2)
-        for probe in (self.centre, self.offset):  # no push on the model until a probe has found a direction
-            torch.nn.init.zeros_(probe.weight)
+        self.offset = torch.nn.Linear(width, 2)  # random, not zero: at zero, neither probe nor model would move
 
     def read(self, probe: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         """Probe the RMS-normalised residual stream: its raw scale grows with depth and would swamp the loss."""
