@@ -221,7 +221,7 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
     with torch.no_grad():  # a zero-weight probe predicts its bias: the loss is the mean squared distance to the target
         probes.offset.weight.zero_()
     expected = (probes.offset.bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
-    assert losses([[attribute, relation]])["offset"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses([[attribute, relation]])["offset"].item() == pytest.approx(train.PROBE_WEIGHT * expected.item(), rel=1e-5)
     assert set(losses([[attribute]])) == {"ground", "names", "centre"}  # no relation, no offset
     assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground"}  # names nothing
 
