@@ -32,9 +32,10 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -51,7 +52,7 @@ class Turn(NamedTuple):
     question: str
     answer: str
     targets: list[list[int]]  # one patch list per group of attention heads at the answer (see `answer_queries`)
-    names: list[tuple[int, list[int]]] = []  # (word index, patches) of each object name (see `named_objects`)
+    names: Sequence[tuple[int, list[int]]] = ()  # (word index, patches) of each object name (see `named_objects`)
 
 
 @dataclass
@@ -67,11 +68,9 @@ def training_images(dataset) -> list[TrainImage]:
     for row in dataset:
         meta = json.loads(row["meta"])
         entry = by_id.setdefault(row["image_id"], TrainImage(row["image"], meta, []))
-        if row["family"] == "relation":
-            targets = relation_targets(row["question"], meta["objects"])
-        else:
-            targets = [meta["target_patches"]]
         names = named_objects(row["question"], row["answers"][0], meta)
+        # a relation's answer grounds one group of heads on each of its two named objects
+        targets = [patches for _, patches in names] if row["family"] == "relation" else [meta["target_patches"]]
         entry.turns.append(Turn(row["question"], row["answers"][0], targets, names))
     return list(by_id.values())
 
@@ -316,8 +315,8 @@ def relation_offsets(turns: list[list[Turn]]) -> tuple[list[int], torch.Tensor]:
     """Which answers are relations (indices into `answer_queries`' rows) and their first object's centre minus the
     second's [R, 2]."""
     flat = [turn for image_turns in turns for turn in image_turns]
-    relations = [q for q, turn in enumerate(flat) if len(turn[2]) == 2]
-    offsets = [patch_centre(flat[q][2][0]) - patch_centre(flat[q][2][1]) for q in relations]
+    relations = [q for q, turn in enumerate(flat) if len(turn.targets) == 2]
+    offsets = [patch_centre(flat[q].targets[0]) - patch_centre(flat[q].targets[1]) for q in relations]
     return relations, torch.stack(offsets) if offsets else torch.zeros(0, 2)
 
 
