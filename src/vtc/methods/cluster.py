@@ -46,9 +46,10 @@ def cluster(
 
     space: "projected" ([B, N, D]) or "features" ([B, N, C]), the vectors clustered.
     iters: Lloyd iterations (assign, then update), at most; stops early once no assignment changes. 3 by default:
-        on `shapes` 3 and 10 give the same accuracy (46.0/44.5/45.9 vs 45.7/45.9/45.0 at 192/128/64, ±3 points)
-        and 3 cost less (reduction 22% instead of 31% of the demo model's full prefill at 64, CPU); the grid
-        initialisation would cost far less but loses 6.5 points at 64 (docs/shapes-methods.md).
+        on `shapes` (the demo checkpoint after its second run) 3 and 10 give the same accuracy (46.0/44.5/45.9 vs
+        45.7/45.9/45.0 at 192/128/64, ±3 points) and 3 cost less (reduction 22% instead of 31% of the demo model's
+        full prefill at 64, CPU); the grid initialisation would cost far less but loses 6.5 points at 64
+        (docs/shapes-methods.md).
     init: "kmeans++", seeded per image from `tokens.seeds[b]`, or "grid", the patches `spatial` keeps.
     distance: "l2" or "cosine".
     aggregate: "mean" or "attention_weighted" (see the module docstring).
