@@ -69,7 +69,8 @@ def training_images(dataset) -> list[TrainImage]:
         meta = json.loads(row["meta"])
         entry = by_id.setdefault(row["image_id"], TrainImage(row["image"], meta, []))
         names = named_objects(row["question"], row["answers"][0], meta)
-        # a relation's answer grounds one group of heads on each of its two named objects
+        # a relation compares two positions: grounding every head on both objects would average them away, so
+        # half of the answer's heads are grounded on each named object
         targets = [patches for _, patches in names] if row["family"] == "relation" else [meta["target_patches"]]
         entry.turns.append(Turn(row["question"], row["answers"][0], targets, names))
     return list(by_id.values())
@@ -95,8 +96,6 @@ def named_objects(question: str, answer: str, meta: dict) -> list[tuple[int, lis
 def relation_targets(question: str, objects: list[dict]) -> list[list[int]]:
     """The patches of the two objects a relation question names, in the order it names them.
 
-    A relation compares two positions; grounding every head on the union of both objects would average them
-    away, so the first half of the heads is grounded on the first object and the second half on the other.
     Names are the testbed's unambiguous descriptions: "square", "red object", "red square".
     """
     first, second = question.removeprefix("where is the ").removesuffix(" ?").split(" relative to the ")
