@@ -166,7 +166,7 @@ def test_patch_centres_and_relation_offsets_in_minus_one_to_one():
 
 
 def test_geometry_probes_read_normalised_states_and_push_the_model_from_the_start():
-    probes = train.GeometryProbes(width=8)
+    probes = train.GeometryProbes(width=8, patch_layers=1)
     hidden = torch.randn(3, 8, requires_grad=True)
     torch.testing.assert_close(probes.read(probes.centre, 1000 * hidden), probes.read(probes.centre, hidden))
     probes.read(probes.centre, hidden).pow(2).sum().backward()
@@ -208,7 +208,8 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
 
     attribute = turn("what color is the square ?", "red", [[5, 6]])
     relation = turn("where is the circle relative to the square ?", "below", [[80], [5, 6]])
-    probes = train.GeometryProbes(model.config.text_config.hidden_size)
+    num_layers = model.config.text_config.num_hidden_layers
+    probes = train.GeometryProbes(model.config.text_config.hidden_size, len(train.patch_probe_layers(num_layers)))
 
     def losses(turns):
         batch = train.training_batch(processor, turns)
@@ -216,14 +217,14 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
         return train.auxiliary_losses(model, processor.tokenizer, keep, probes, batch, turns, output.hidden_states)
 
     with_relation = losses([[attribute, relation]])
-    assert set(with_relation) == {"ground", "names", "centre", "offset"}
+    assert set(with_relation) == {"ground", "names", "centre", "offset", "patches"}
     assert all(torch.isfinite(value) and value > 0 for value in with_relation.values())
     with torch.no_grad():  # a zero-weight probe predicts its bias: the loss is the mean squared distance to the target
         probes.offset.weight.zero_()
     expected = (probes.offset.bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
     assert losses([[attribute, relation]])["offset"].item() == pytest.approx(train.PROBE_WEIGHT * expected.item(), rel=1e-5)
-    assert set(losses([[attribute]])) == {"ground", "names", "centre"}  # no relation, no offset
-    assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground"}  # names nothing
+    assert set(losses([[attribute]])) == {"ground", "names", "centre", "patches"}  # no relation, no offset
+    assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground", "patches"}
 
 
 def test_vision_heads_pool_each_object_and_score_its_shape():
