@@ -165,6 +165,12 @@ def test_patch_centres_and_relation_offsets_in_minus_one_to_one():
     assert offsets.tolist() == [[2, 0], [0, 2]]  # one whole grid below, one whole grid to the right
 
 
+def test_patch_probes_read_the_inputs_of_the_name_layer_and_the_grounded_answer_layers():
+    assert train.NAME_LAYER == 1 and train.GROUNDED_LAYERS == (-2, -1)
+    assert train.patch_probe_layers(4) == [1, 2, 3]  # hidden state i is the input to layer i
+    assert train.patch_probe_layers(3) == [1, 2]  # the name layer is also the first grounded one
+
+
 def test_geometry_probes_read_normalised_states_and_push_the_model_from_the_start():
     probes = train.GeometryProbes(width=8, patch_layers=1)
     hidden = torch.randn(3, 8, requires_grad=True)
@@ -223,6 +229,12 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
         probes.offset.weight.zero_()
     expected = (probes.offset.bias - (train.patch_centre([80]) - train.patch_centre([5, 6]))).pow(2).mean()
     assert losses([[attribute, relation]])["offset"].item() == pytest.approx(train.PROBE_WEIGHT * expected.item(), rel=1e-5)
+    with torch.no_grad():  # likewise every patch's position, read at each probed layer
+        for probe in probes.patches:
+            probe.weight.zero_()
+    positions = 2 * train.patch_positions() - 1
+    expected = torch.stack([(probe.bias - positions).pow(2).mean() for probe in probes.patches]).mean()
+    assert losses([[attribute]])["patches"].item() == pytest.approx(train.PROBE_WEIGHT * expected.item(), rel=1e-5)
     assert set(losses([[attribute]])) == {"ground", "names", "centre", "patches"}  # no relation, no offset
     assert set(losses([[turn("is there a blue square ?", "no", [[5, 6, 80]])]])) == {"ground", "patches"}
 
