@@ -48,7 +48,7 @@ def test_training_batch_expands_the_image_and_labels_each_answer(processor):
     assert labelled == [["yes", "</s>", "2", "</s>"], ["blue", "</s>"]]
 
 
-def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
+def test_grounding_loss_is_the_divergence_from_even_attention_on_the_target_patches(processor):
     turns = [[("what color is the square ?", "blue", [[0, 1, 2, 3]])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
@@ -66,6 +66,14 @@ def test_grounding_loss_is_minus_log_of_the_share_on_target_patches(processor):
     half = focused / 2
     half[0, :, 1] = 0.5
     assert train.grounding_loss([half], target_mask).item() == pytest.approx(math.log(2), rel=1e-4)
+    # All of it on one of the four targets: the three ignored ones cost as much as looking away.
+    one_patch = torch.zeros_like(focused)
+    one_patch[0, :, image_positions[0]] = 1.0
+    assert train.grounding_loss([one_patch], target_mask).item() > train.grounding_loss([uniform], target_mask).item()
+    # A question that names no patch (a negative existence question without hard negatives) is not grounded.
+    nothing = torch.zeros_like(target_mask)
+    both = train.grounding_loss([torch.cat([focused, uniform])], torch.cat([target_mask, nothing]))
+    assert both.item() == pytest.approx(0, abs=1e-5)
 
 
 def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(processor):
@@ -88,12 +96,13 @@ def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(pro
     looked_at = [target_mask[0, head].nonzero().flatten().tolist() for head in range(4)]
     first, second = image_positions[[40]].tolist(), image_positions[[5, 6]].tolist()
     assert looked_at == [first, first, second, second]
-    # heads 0-1 all on the red circle, heads 2-3 half on the square: share 0.75, whatever the union would say
-    shares = torch.zeros(1, 4, batch["input_ids"].shape[1])
-    shares[0, :2, first[0]] = 1.0
-    shares[0, 2:, second[0]] = 0.5
-    shares[0, 2:, first[0]] = 0.5
-    assert train.grounding_loss([shares], target_mask).item() == pytest.approx(-math.log(0.75), rel=1e-4)
+    # heads 0-1 all on the red circle, heads 2-3 half on the circle and half evenly on the square: only heads 2-3
+    # fall short (by log 2), whatever the union of the two objects would say
+    weights = torch.zeros(1, 4, batch["input_ids"].shape[1])
+    weights[0, :2, first[0]] = 1.0
+    weights[0, 2:, second] = 0.25
+    weights[0, 2:, first[0]] = 0.5
+    assert train.grounding_loss([weights], target_mask).item() == pytest.approx(math.log(2) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="3 heads do not split into 2 equal groups"):
         train.answer_queries(batch, turns, image_token_id, num_heads=3)
 

@@ -335,17 +335,26 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows, queries, scalin
     return scores.masked_fill(future[:, None], float("-inf")).softmax(dim=-1)
 
 
-def grounding_loss(shares: list[torch.Tensor], target_mask: torch.Tensor) -> torch.Tensor:
-    """-log of the attention share that each answer's query puts on its target patches (head mean), averaged.
+def grounding_loss(attention: list[torch.Tensor], target_mask: torch.Tensor) -> torch.Tensor:
+    """KL divergence from the uniform distribution over each head's target patches to its attention, averaged.
 
-    shares: per supervised layer, [Q, H, L] attention weights of each answer's query (see `attention_rows`);
-    target_mask: [Q, H, L] bool. The share is of all the attention, not only of the attention on the image:
-    a model can satisfy a within-image share while reading almost nothing from the image, and then it
-    keeps answering from the question alone. The testbed records which patches the objects a question
-    names cover; telling the model where to look spares a model trained from scratch the long "answer
-    from priors" plateau.
+    attention: per supervised layer, [Q, H, L] attention weights of each query (see `attention_rows`);
+    target_mask: [Q, H, L] bool. The loss is 0 when a head spreads all its attention evenly over its targets.
+    It is over all the attention, not only the attention on the image: a model can satisfy a within-image
+    target while reading almost nothing from the image, and then it keeps answering from the question alone.
+    Evenly, not merely on the targets: with only the share on target patches asked for (−log share), a name's
+    attention settled on ~5 of its object's ~17 patches, chosen so that their mean value kept the object's row
+    but lost its column (ridge R² 0.07, against 0.62 for the mean over all its patches), and left and right
+    stayed at chance. The testbed records which patches the objects a question names cover; telling the model
+    where to look spares a model trained from scratch the long "answer from priors" plateau.
     """
-    return torch.cat([-torch.log((share * target_mask).sum(dim=-1).mean(dim=-1) + 1e-6) for share in shares]).mean()
+    targets = target_mask.sum(dim=-1).clamp(min=1)  # [Q, H]
+    grounded = target_mask.any(dim=-1)  # a negative existence question may name no patch at all
+    losses = [
+        -torch.log(targets.float()) - (torch.log(weights + 1e-8) * target_mask).sum(dim=-1) / targets
+        for weights in attention
+    ]
+    return torch.stack(losses)[:, grounded].mean()
 
 
 class KeepQueriesAndKeys:
