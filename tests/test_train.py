@@ -70,6 +70,9 @@ def test_grounding_loss_is_the_divergence_from_even_attention_on_the_target_patc
     one_patch = torch.zeros_like(focused)
     one_patch[0, :, image_positions[0]] = 1.0
     assert train.grounding_loss([one_patch], target_mask).item() > train.grounding_loss([uniform], target_mask).item()
+    # A count is asked only for the share: all of it on one counted patch is as good as spread over all of them.
+    assert train.grounding_loss([one_patch], target_mask, spread=torch.tensor([False])).item() == pytest.approx(0, abs=1e-5)
+    assert train.grounding_loss([focused], target_mask, spread=torch.tensor([False])).item() == pytest.approx(0, abs=1e-5)
     # A question that names no patch (a negative existence question without hard negatives) is not grounded.
     nothing = torch.zeros_like(target_mask)
     both = train.grounding_loss([torch.cat([focused, uniform])], torch.cat([target_mask, nothing]))
