@@ -13,9 +13,11 @@ next-token loss on the answers and their end tokens of up to `max_turns` questio
 a grounding loss on the attention (last two layers) from each answer's prompt position to the patches of
 the objects the question names (for a relation, half the heads on each of the two objects), and one on the
 attention (second layer) from the last word of each object name to that object's patches: a name token that has
-read its object carries the object's position, which a relation compares, to where the answer can find it. Two
-training-only linear probes (`GeometryProbes`) make sure the position survives the value projections: the named
-object's centre at its name, a relation's offset between its two objects at the answer. The frozen tower's
+read its object carries the object's position, which a relation compares, to where the answer can find it. The
+attention is asked to spread evenly over its targets, except a count's answer (see `grounding_loss`).
+Training-only linear probes (`GeometryProbes`) make sure the position survives the value projections: every
+patch's own position where grounded attention reads it, the named object's centre at its name, a relation's
+offset between its two objects at the answer. The frozen tower's
 features are computed once for all training images. Each evaluation also saves the model to `<out>/checkpoint`,
 so that an interrupted run can be continued with `--init-from <out>/checkpoint --vision-steps 0`.
 
