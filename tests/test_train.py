@@ -184,7 +184,7 @@ def test_patch_probes_read_the_inputs_of_the_name_layer_and_the_grounded_answer_
 
 
 def test_geometry_probes_read_normalised_states_and_push_the_model_from_the_start():
-    probes = train.GeometryProbes(width=8, patch_layers=1)
+    probes = train.GeometryProbes(width=8, patch_layers=[1])
     hidden = torch.randn(3, 8, requires_grad=True)
     torch.testing.assert_close(probes.read(probes.centre, 1000 * hidden), probes.read(probes.centre, hidden))
     probes.read(probes.centre, hidden).pow(2).sum().backward()
@@ -227,7 +227,7 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
     attribute = turn("what color is the square ?", "red", [[5, 6]])
     relation = turn("where is the circle relative to the square ?", "below", [[80], [5, 6]])
     num_layers = model.config.text_config.num_hidden_layers
-    probes = train.GeometryProbes(model.config.text_config.hidden_size, len(train.patch_probe_layers(num_layers)))
+    probes = train.GeometryProbes(model.config.text_config.hidden_size, train.patch_probe_layers(num_layers))
 
     def losses(turns):
         batch = train.training_batch(processor, turns)

@@ -17,9 +17,9 @@ read its object carries the object's position, which a relation compares, to whe
 attention is asked to spread evenly over its targets, except a count's answer (see `grounding_loss`).
 Training-only linear probes (`GeometryProbes`) make sure the position survives the value projections: every
 patch's own position where grounded attention reads it, the named object's centre at its name, a relation's
-offset between its two objects at the answer. The frozen tower's
-features are computed once for all training images. Each evaluation also saves the model to `<out>/checkpoint`,
-so that an interrupted run can be continued with `--init-from <out>/checkpoint --vision-steps 0`.
+offset between its two objects at the answer. The frozen tower's features are computed once for all training
+images. Each evaluation also saves the model to `<out>/checkpoint`, so that an interrupted run can be continued
+with `--init-from <out>/checkpoint --vision-steps 0`.
 
 The heads are discarded; the saved model is a plain `LlavaForConditionalGeneration`. Every `--eval-every`
 stage-2 steps it reports greedy-decoding accuracy per question family on the validation split, the way the
@@ -88,11 +88,15 @@ def named_objects(question: str, answer: str, meta: dict) -> list[tuple[int, lis
     if words[0] == "where":
         first, second = relation_targets(question, meta["objects"])
         return [(words.index("relative") - 1, first), (len(words) - 2, second)]
-    if words[:2] == ["how", "many"]:
+    if is_count(question):
         return [(2, meta["target_patches"])]
     if words[:2] == ["is", "there"] and answer == "no":
         return []
     return [(len(words) - 2, meta["target_patches"])]
+
+
+def is_count(question: str) -> bool:
+    return question.startswith("how many ")
 
 
 def relation_targets(question: str, objects: list[dict]) -> list[list[int]]:
@@ -409,12 +413,13 @@ class GeometryProbes(torch.nn.Module):
     still did not reach the name (see `grounding_loss`).
     """
 
-    def __init__(self, width: int, patch_layers: int):
+    def __init__(self, width: int, patch_layers: Sequence[int]):
         super().__init__()
         self.width = width
         self.centre = torch.nn.Linear(width, 2)
         self.offset = torch.nn.Linear(width, 2)  # random, not zero: at zero, neither probe nor model would move
-        self.patches = torch.nn.ModuleList(torch.nn.Linear(width, 2) for _ in range(patch_layers))
+        self.patch_layers = list(patch_layers)  # indices into the forward's hidden states
+        self.patches = torch.nn.ModuleList(torch.nn.Linear(width, 2) for _ in self.patch_layers)
 
     def read(self, probe: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         """Probe the RMS-normalised residual stream: its raw scale grows with depth and would swamp the loss."""
@@ -441,7 +446,7 @@ def auxiliary_losses(model, tokenizer, keep: KeepQueriesAndKeys, probes: Geometr
     image_token_id = model.config.image_token_id
     answer_rows, answers, answer_mask = answer_queries(batch, turns, image_token_id, num_heads)
     shares = [_rows_of(layers[i].self_attn, keep, answer_rows, answers) for i in GROUNDED_LAYERS]
-    counts = [turn[0].startswith("how many") for image_turns in turns for turn in image_turns]
+    counts = [is_count(turn[0]) for image_turns in turns for turn in image_turns]
     losses = {"ground": grounding_loss(shares, answer_mask, spread=~torch.tensor(counts, dtype=torch.bool))}
     name_rows, names, name_mask, centres = name_queries(batch, turns, tokenizer, image_token_id, num_heads)
     if len(name_rows):
@@ -452,7 +457,7 @@ def auxiliary_losses(model, tokenizer, keep: KeepQueriesAndKeys, probes: Geometr
     positions = (2 * patch_positions() - 1).repeat(len(image_mask), 1)
     patch_losses = [
         torch.nn.functional.mse_loss(probes.read(probe, hidden_states[layer][image_mask]), positions)
-        for probe, layer in zip(probes.patches, patch_probe_layers(len(layers)))
+        for probe, layer in zip(probes.patches, probes.patch_layers)
     ]
     losses["patches"] = PROBE_WEIGHT * torch.stack(patch_losses).mean()
     relations, offsets = relation_offsets(turns)
@@ -480,7 +485,7 @@ def train_language(
     keep = KeepQueriesAndKeys()
     language_model.set_attn_implementation(keep.name)
     probes = GeometryProbes(
-        language_model.config.hidden_size, len(patch_probe_layers(language_model.config.num_hidden_layers))
+        language_model.config.hidden_size, patch_probe_layers(language_model.config.num_hidden_layers)
     )
     model.model.vision_tower.requires_grad_(False)
     parameters = [p for p in model.parameters() if p.requires_grad] + list(probes.parameters())
