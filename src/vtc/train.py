@@ -14,7 +14,8 @@ a grounding loss on the attention (last two layers) from each answer's prompt po
 the objects the question names (for a relation, half the heads on each of the two objects), and one on the
 attention (second layer) from the last word of each object name to that object's patches: a name token that has
 read its object carries the object's position, which a relation compares, to where the answer can find it. The
-attention is asked to spread evenly over its targets, except a count's answer (see `grounding_loss`).
+attention is asked to spread evenly over its targets (see `grounding_loss`); a count's, evenly over its counted
+objects and the first token (see `count_target`).
 Training-only linear probes (`GeometryProbes`) make sure the position survives the value projections: every
 patch's own position where grounded attention reads it, the named object's centre at its name, a relation's
 offset between its two objects at the answer. The frozen tower's features are computed once for all training
@@ -53,7 +54,7 @@ COLOR_CLASSES = 1 + len(shapes.COLORS)  # background + colours
 class Turn(NamedTuple):
     question: str
     answer: str
-    targets: list[list[int]]  # one patch list per group of attention heads at the answer (see `answer_queries`)
+    targets: list[list[int]]  # a patch list per group of heads at the answer, or per counted object (`answer_queries`)
     names: Sequence[tuple[int, list[int]]] = ()  # (word index, patches) of each object name (see `named_objects`)
 
 
@@ -73,7 +74,12 @@ def training_images(dataset) -> list[TrainImage]:
         names = named_objects(row["question"], row["answers"][0], meta)
         # a relation compares two positions: grounding every head on both objects would average them away, so
         # half of the answer's heads are grounded on each named object
-        targets = [patches for _, patches in names] if row["family"] == "relation" else [meta["target_patches"]]
+        if row["family"] == "relation":
+            targets = [patches for _, patches in names]
+        elif is_count(row["question"]):
+            targets = counted_objects(row["question"], meta)
+        else:
+            targets = [meta["target_patches"]]
         entry.turns.append(Turn(row["question"], row["answers"][0], targets, names))
     return list(by_id.values())
 
@@ -97,6 +103,15 @@ def named_objects(question: str, answer: str, meta: dict) -> list[tuple[int, lis
 
 def is_count(question: str) -> bool:
     return question.startswith("how many ")
+
+
+def counted_objects(question: str, meta: dict) -> list[list[int]]:
+    """The patches of each object a count question counts ("how many squares are there ?": every square)."""
+    shape = {plural: shape for shape, plural in shapes.PLURALS.items()}[question.split()[2]]
+    counted = [obj["patches"] for obj in meta["objects"] if obj["shape"] == shape]
+    if {p for patches in counted for p in patches} != set(meta["target_patches"]):
+        raise ValueError(f"{question!r}: the {shape}s of {meta['objects']} are not the question's target patches")
+    return counted
 
 
 def relation_targets(question: str, objects: list[dict]) -> list[list[int]]:
@@ -257,29 +272,56 @@ def training_batch(processor, turns: list[list[Turn]]) -> dict[str, torch.Tensor
 
 
 def answer_queries(batch, turns, image_token_id: int, num_heads: int):
-    """Where each answer is predicted from and where each head should look.
+    """Where each answer is predicted from and how each head there should divide its attention.
 
-    Returns rows [Q] and query positions [Q] (the prompt token before each answer), and a bool [Q, H, L] mask of
-    the target patches in the same sequence: a turn's G patch lists split the H heads into G equal groups, in
-    order (one list: every head looks at the objects the question names).
+    Returns rows [Q] and query positions [Q] (the prompt token before each answer), and the target attention
+    [Q, H, L] over the same sequence (each [Q, H] row sums to 1, or to 0 where the question names no patch).
+    A turn's G patch lists split the H heads into G equal groups, in order, each spread evenly over its patches
+    (one list: every head looks at the objects the question names). A count's lists are its counted objects
+    instead (see `count_target`).
     """
     starts = (batch["labels"][:, 1:] != -100) & (batch["labels"][:, :-1] == -100)  # answer starts, shifted by one
     image_mask = batch["input_ids"] == image_token_id
+    length = image_mask.shape[1]
     rows, queries, targets = [], [], []
     for b, image_turns in enumerate(turns):
         image_positions = image_mask[b].nonzero().flatten()
+        first_token = batch["attention_mask"][b].nonzero()[0].item()
         for turn, query in zip(image_turns, starts[b].nonzero().flatten().tolist()):
             groups = turn[2]
-            if num_heads % len(groups):
-                raise ValueError(f"{num_heads} heads do not split into {len(groups)} equal groups")
-            target = torch.zeros(num_heads, len(image_mask[b]), dtype=torch.bool)
-            for group, patches in zip(target.split(num_heads // len(groups)), groups):
-                group[:, image_positions[patches]] = True
+            if is_count(turn[0]):
+                target = count_target([image_positions[patches] for patches in groups], first_token, length)
+                target = target.expand(num_heads, length)
+            else:
+                if num_heads % len(groups):
+                    raise ValueError(f"{num_heads} heads do not split into {len(groups)} equal groups")
+                target = torch.zeros(num_heads, length)
+                for group, patches in zip(target.split(num_heads // len(groups)), groups):
+                    group[:, image_positions[patches]] = 1 / len(patches) if patches else 0
             rows.append(b)
             queries.append(query)
             targets.append(target)
-    rows = torch.tensor(rows)
-    return rows, torch.tensor(queries), torch.stack(targets)
+    return torch.tensor(rows), torch.tensor(queries), torch.stack(targets)
+
+
+# Softmax attention averages, so it cannot count patches, and a share on the counted objects' patches grows with
+# their area, not their number. With every counted object weighing the same whatever its size, and the first token
+# weighing SINK_MASS objects, the first token's share is SINK_MASS / (n + SINK_MASS): a different value for each
+# count n. The closest two are those of MAX_COUNT - 1 and MAX_COUNT objects; their gap is largest at this mass.
+# (Spread evenly over the counted patches, as the other answers are, counting on validation fell from ~70% to
+# 42-60% over 1000 steps: the mean over n alike objects is the same for every n.)
+SINK_MASS = math.sqrt((shapes.MAX_COUNT - 1) * shapes.MAX_COUNT)
+
+
+def count_target(objects: list[torch.Tensor], first_token: int, length: int) -> torch.Tensor:
+    """A count's target attention [L]: each counted object (its positions in the sequence) 1 / (n + SINK_MASS),
+    spread evenly over its positions; the first token SINK_MASS / (n + SINK_MASS)."""
+    target = torch.zeros(length)
+    total = len(objects) + SINK_MASS
+    for positions in objects:
+        target[positions] += 1 / (total * len(positions))
+    target[first_token] = SINK_MASS / total
+    return target
 
 
 def name_queries(batch, turns: list[list[Turn]], tokenizer, image_token_id: int, num_heads: int):
@@ -341,36 +383,30 @@ def attention_rows(query: torch.Tensor, key: torch.Tensor, rows, queries, scalin
     return scores.masked_fill(future[:, None], float("-inf")).softmax(dim=-1)
 
 
-def grounding_loss(
-    attention: list[torch.Tensor], target_mask: torch.Tensor, spread: torch.Tensor | None = None
-) -> torch.Tensor:
-    """How far each head's attention is from its target patches, averaged over heads, queries and layers.
+def grounding_loss(attention: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """The KL divergence from each head's target attention to its attention, averaged over heads, queries and layers.
 
     attention: per supervised layer, [Q, H, L] attention weights of each query (see `attention_rows`);
-    target_mask: [Q, H, L] bool; spread: [Q] bool, default all. A query with `spread` pays the KL divergence from
-    the uniform distribution over its targets to its attention (0 when spread evenly over them); one without pays
-    −log of the share on its targets, however it divides that share among them.
+    target: [Q, H, L], each row summing to 1 (see `answer_queries`), or to 0 where a question names no patch (a
+    negative existence question without hard negatives): those rows are skipped.
 
-    Evenly, where an answer reads an attribute or a position: with only the share asked for, a name's attention
+    Spread evenly over an object, not only a share on it: with only the share asked for, a name's attention
     settled on ~5 of its object's ~17 patches, chosen so that their mean value kept the object's row but lost its
     column (ridge R² 0.07, against 0.62 for the mean over all its patches), and left and right stayed at chance.
-    Not for a count: the mean over n alike objects' patches is the same for every n; asked for it, counting on
-    validation fell from ~70% to 42–60% for 1000 steps.
-    Both are shares of all the attention, not only of the attention on the image: a model can satisfy a
+    The targets are shares of all the attention, not only of the attention on the image: a model can satisfy a
     within-image target while reading almost nothing from the image, and then it keeps answering from the
     question alone. The testbed records which patches the objects a question names cover; telling the model where
     to look spares a model trained from scratch the long "answer from priors" plateau.
     """
-    targets = target_mask.sum(dim=-1).clamp(min=1)  # [Q, H]
-    grounded = target_mask.any(dim=-1)  # a negative existence question may name no patch at all
-    if spread is None:
-        spread = torch.ones(len(target_mask), dtype=torch.bool)
-    losses = []
-    for weights in attention:
-        uneven = -torch.log((weights * target_mask).sum(dim=-1) + 1e-8)
-        even = -torch.log(targets.float()) - (torch.log(weights + 1e-8) * target_mask).sum(dim=-1) / targets
-        losses.append(torch.where(spread[:, None], even, uneven))
+    grounded = target.sum(dim=-1) > 0  # [Q, H]
+    entropy = torch.special.xlogy(target, target).sum(dim=-1)
+    losses = [entropy - (target * torch.log(weights + 1e-8)).sum(dim=-1) for weights in attention]
     return torch.stack(losses)[:, grounded].mean()
+
+
+def evenly(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask [..., L] as attention spread evenly over its True positions (all zero where it has none)."""
+    return mask / mask.sum(dim=-1, keepdim=True).clamp(min=1)
 
 
 class KeepQueriesAndKeys:
@@ -444,13 +480,13 @@ def auxiliary_losses(model, tokenizer, keep: KeepQueriesAndKeys, probes: Geometr
     layers = model.model.language_model.layers
     num_heads = model.config.text_config.num_attention_heads
     image_token_id = model.config.image_token_id
-    answer_rows, answers, answer_mask = answer_queries(batch, turns, image_token_id, num_heads)
+    answer_rows, answers, answer_target = answer_queries(batch, turns, image_token_id, num_heads)
     shares = [_rows_of(layers[i].self_attn, keep, answer_rows, answers) for i in GROUNDED_LAYERS]
-    counts = [is_count(turn[0]) for image_turns in turns for turn in image_turns]
-    losses = {"ground": grounding_loss(shares, answer_mask, spread=~torch.tensor(counts, dtype=torch.bool))}
+    losses = {"ground": grounding_loss(shares, answer_target)}
     name_rows, names, name_mask, centres = name_queries(batch, turns, tokenizer, image_token_id, num_heads)
     if len(name_rows):
-        losses["names"] = grounding_loss([_rows_of(layers[NAME_LAYER].self_attn, keep, name_rows, names)], name_mask)
+        name_attention = [_rows_of(layers[NAME_LAYER].self_attn, keep, name_rows, names)]
+        losses["names"] = grounding_loss(name_attention, evenly(name_mask))
         read = probes.read(probes.centre, hidden_states[NAME_LAYER + 1][name_rows, names])
         losses["centre"] = PROBE_WEIGHT * torch.nn.functional.mse_loss(read, centres)
     image_mask = batch["input_ids"] == image_token_id
