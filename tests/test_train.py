@@ -52,31 +52,59 @@ def test_grounding_loss_is_the_divergence_from_even_attention_on_the_target_patc
     turns = [[("what color is the square ?", "blue", [[0, 1, 2, 3]])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    rows, queries, target_mask = train.answer_queries(batch, turns, image_token_id, num_heads=2)
+    rows, queries, target = train.answer_queries(batch, turns, image_token_id, num_heads=2)
     assert rows.tolist() == [0] and processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][0, queries[0]]]) == [":"]
     image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
     for head in range(2):
-        assert target_mask[0, head].nonzero().flatten().tolist() == image_positions[:4].tolist()
+        assert target[0, head].nonzero().flatten().tolist() == image_positions[:4].tolist()
+        assert target[0, head, image_positions[:4]].tolist() == [0.25] * 4
     length = batch["input_ids"].shape[1]
     uniform = torch.full((1, 2, length), 1.0 / length)
-    assert train.grounding_loss([uniform], target_mask).item() == pytest.approx(-math.log(4 / length), rel=1e-4)
-    focused = target_mask.float() / 4
-    assert train.grounding_loss([focused, focused], target_mask).item() == pytest.approx(0, abs=1e-5)
+    assert train.grounding_loss([uniform], target).item() == pytest.approx(-math.log(4 / length), rel=1e-4)
+    assert train.grounding_loss([target, target], target).item() == pytest.approx(0, abs=1e-5)
     # Half the attention on the text: the loss counts it as not looking, whatever the share within the image.
-    half = focused / 2
+    half = target / 2
     half[0, :, 1] = 0.5
-    assert train.grounding_loss([half], target_mask).item() == pytest.approx(math.log(2), rel=1e-4)
+    assert train.grounding_loss([half], target).item() == pytest.approx(math.log(2), rel=1e-4)
     # All of it on one of the four targets: the three ignored ones cost as much as looking away.
-    one_patch = torch.zeros_like(focused)
+    one_patch = torch.zeros_like(target)
     one_patch[0, :, image_positions[0]] = 1.0
-    assert train.grounding_loss([one_patch], target_mask).item() > train.grounding_loss([uniform], target_mask).item()
-    # A count is asked only for the share: all of it on one counted patch is as good as spread over all of them.
-    assert train.grounding_loss([one_patch], target_mask, spread=torch.tensor([False])).item() == pytest.approx(0, abs=1e-5)
-    assert train.grounding_loss([focused], target_mask, spread=torch.tensor([False])).item() == pytest.approx(0, abs=1e-5)
+    assert train.grounding_loss([one_patch], target).item() > train.grounding_loss([uniform], target).item()
     # A question that names no patch (a negative existence question without hard negatives) is not grounded.
-    nothing = torch.zeros_like(target_mask)
-    both = train.grounding_loss([torch.cat([focused, uniform])], torch.cat([target_mask, nothing]))
+    nothing = torch.zeros_like(target)
+    both = train.grounding_loss([torch.cat([target, uniform])], torch.cat([target, nothing]))
     assert both.item() == pytest.approx(0, abs=1e-5)
+    assert train.evenly(torch.tensor([[True, False, True], [False] * 3])).tolist() == [[0.5, 0, 0.5], [0, 0, 0]]
+
+
+def test_a_count_weighs_each_counted_object_the_same_and_leaves_the_first_token_a_share_that_tells_the_count(processor):
+    objects = [
+        {"shape": "square", "color": "red", "patches": [5, 6, 29, 30]},
+        {"shape": "circle", "color": "red", "patches": [40]},
+        {"shape": "square", "color": "blue", "patches": [80]},
+    ]
+    question = "how many squares are there ?"
+    counted = train.counted_objects(question, {"objects": objects, "target_patches": [5, 6, 29, 30, 80]})
+    assert counted == [[5, 6, 29, 30], [80]]
+    with pytest.raises(ValueError, match="not the question's target patches"):
+        train.counted_objects(question, {"objects": objects, "target_patches": [40]})
+    turns = [[(question, "2", counted), ("what color is the circle ?", "red", [[40]])]]
+    batch = train.training_batch(processor, turns)
+    image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    _, _, target = train.answer_queries(batch, turns, image_token_id, num_heads=2)
+    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
+    sink, big, small = 2 + train.SINK_MASS, image_positions[[5, 6, 29, 30]], image_positions[80]
+    for head in range(2):  # every head: the big square and the one-patch square weigh the same
+        assert target[0, head, big].sum().item() == pytest.approx(1 / sink) and target[0, head, big].unique().numel() == 1
+        assert target[0, head, small].item() == pytest.approx(1 / sink)
+        assert target[0, head, 0].item() == pytest.approx(train.SINK_MASS / sink)  # "USER", the first token
+        assert target[0, head].sum().item() == pytest.approx(1)
+    assert target[1, :, 0].tolist() == [0, 0]  # other questions have no sink
+    firsts = [train.count_target([torch.tensor([p]) for p in range(10, 10 + n)], 0, 20)[0].item() for n in range(1, 5)]
+    assert firsts == sorted(firsts, reverse=True) and min(a - b for a, b in zip(firsts, firsts[1:])) > 0.07
+    images = train.training_images(shapes.generate_split(200, seed=0, split="train"))
+    counts = [turn for image in images for turn in image.turns if train.is_count(turn.question)]
+    assert len(counts) > 30 and all(len(turn.targets) == int(turn.answer) for turn in counts)
 
 
 def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(processor):
@@ -94,9 +122,9 @@ def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(pro
     turns = [[("where is the red circle relative to the square ?", "below", [[40], [5, 6]])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    _, _, target_mask = train.answer_queries(batch, turns, image_token_id, num_heads=4)
+    _, _, target = train.answer_queries(batch, turns, image_token_id, num_heads=4)
     image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
-    looked_at = [target_mask[0, head].nonzero().flatten().tolist() for head in range(4)]
+    looked_at = [target[0, head].nonzero().flatten().tolist() for head in range(4)]
     first, second = image_positions[[40]].tolist(), image_positions[[5, 6]].tolist()
     assert looked_at == [first, first, second, second]
     # heads 0-1 all on the red circle, heads 2-3 half on the circle and half evenly on the square: only heads 2-3
@@ -105,7 +133,7 @@ def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(pro
     weights[0, :2, first[0]] = 1.0
     weights[0, 2:, second] = 0.25
     weights[0, 2:, first[0]] = 0.5
-    assert train.grounding_loss([weights], target_mask).item() == pytest.approx(math.log(2) / 2, rel=1e-4)
+    assert train.grounding_loss([weights], target).item() == pytest.approx(math.log(2) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="3 heads do not split into 2 equal groups"):
         train.answer_queries(batch, turns, image_token_id, num_heads=3)
 
@@ -234,7 +262,8 @@ def test_auxiliary_losses_cover_answers_names_and_relation_geometry(tiny_model_d
         output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
         return train.auxiliary_losses(model, processor.tokenizer, keep, probes, batch, turns, output.hidden_states)
 
-    with_relation = losses([[attribute, relation]])
+    count = turn("how many squares are there ?", "1", [[5, 6]])
+    with_relation = losses([[attribute, relation, count]])
     assert set(with_relation) == {"ground", "names", "centre", "offset", "patches"}
     assert all(torch.isfinite(value) and value > 0 for value in with_relation.values())
     with torch.no_grad():  # a zero-weight probe predicts its bias: the loss is the mean squared distance to the target
