@@ -107,7 +107,7 @@ def test_a_count_weighs_each_counted_object_the_same_and_leaves_the_first_token_
     assert len(counts) > 30 and all(len(turn.targets) == int(turn.answer) for turn in counts)
 
 
-def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(processor):
+def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_names(processor):
     objects = [
         {"shape": "square", "color": "red", "patches": [5, 6]},
         {"shape": "circle", "color": "red", "patches": [40]},
@@ -119,23 +119,27 @@ def test_a_relation_grounds_each_half_of_the_heads_on_one_of_its_two_objects(pro
     with pytest.raises(ValueError, match="'circle' names 2 objects"):
         train.relation_targets("where is the circle relative to the square ?", objects)
 
-    turns = [[("where is the red circle relative to the square ?", "below", [[40], [5, 6]])]]
+    meta = {"objects": objects, "target_patches": [40, 5, 6]}
+    question = "where is the red circle relative to the square ?"
+    turns = [[train.Turn(question, "below", [[40], [5, 6]], train.named_objects(question, "below", meta))]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    _, _, target = train.answer_queries(batch, turns, image_token_id, num_heads=4)
-    image_positions = (batch["input_ids"][0] == image_token_id).nonzero().flatten()
+    names_at = train.name_positions(batch, turns, processor.tokenizer)
+    circle, square = names_at[0]
+    assert processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0, [circle, square]].tolist()) == ["circle", "square"]
+    _, _, target = train.answer_queries(batch, turns, image_token_id, num_heads=4, names_at=names_at)
     looked_at = [target[0, head].nonzero().flatten().tolist() for head in range(4)]
-    first, second = image_positions[[40]].tolist(), image_positions[[5, 6]].tolist()
-    assert looked_at == [first, first, second, second]
-    # heads 0-1 all on the red circle, heads 2-3 half on the circle and half evenly on the square: only heads 2-3
-    # fall short (by log 2), whatever the union of the two objects would say
+    assert looked_at == [[circle], [circle], [square], [square]]
+    # heads 0-1 all on "circle", heads 2-3 half on "circle" and half on "square": only heads 2-3 fall short (by
+    # log 2), whatever the union of the two names would say
     weights = torch.zeros(1, 4, batch["input_ids"].shape[1])
-    weights[0, :2, first[0]] = 1.0
-    weights[0, 2:, second] = 0.25
-    weights[0, 2:, first[0]] = 0.5
+    weights[0, :2, circle] = 1.0
+    weights[0, 2:, [circle, square]] = 0.5
     assert train.grounding_loss([weights], target).item() == pytest.approx(math.log(2) / 2, rel=1e-4)
     with pytest.raises(ValueError, match="3 heads do not split into 2 equal groups"):
-        train.answer_queries(batch, turns, image_token_id, num_heads=3)
+        train.answer_queries(batch, turns, image_token_id, num_heads=3, names_at=names_at)
+    with pytest.raises(ValueError, match="pass names_at"):
+        train.answer_queries(batch, turns, image_token_id, num_heads=4)
 
 
 def test_every_relation_question_of_the_testbed_names_two_objects_found_in_its_scene():
