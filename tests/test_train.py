@@ -180,7 +180,8 @@ def test_name_queries_find_each_name_in_its_own_turn(processor):
     turns = [[train.Turn(q, a, [], train.named_objects(q, a, meta)) for q, a in questions], [train.Turn("what color is the square ?", "red", [], [(4, [0])])]]
     batch = train.training_batch(processor, turns)
     image_token_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    rows, queries, target_mask, centres = train.name_queries(batch, turns, processor.tokenizer, image_token_id, num_heads=2)
+    names_at = train.name_positions(batch, turns, processor.tokenizer)
+    rows, queries, target_mask, centres = train.name_queries(batch, turns, names_at, image_token_id, num_heads=2)
     assert rows.tolist() == [0, 0, 0, 1]
     words = [processor.tokenizer.convert_ids_to_tokens([batch["input_ids"][r, q].item()])[0] for r, q in zip(rows, queries)]
     assert words == ["square", "circle", "square", "square"]
@@ -193,7 +194,9 @@ def test_name_queries_find_each_name_in_its_own_turn(processor):
     square, circle = train.patch_centre([5, 6]), train.patch_centre([80])
     torch.testing.assert_close(centres, torch.stack([square, circle, square, train.patch_centre([0])]))
     negative_only = [[train.Turn("is there a blue triangle ?", "no", [], [])]]
-    rows, _, target_mask, centres = train.name_queries(train.training_batch(processor, negative_only), negative_only, processor.tokenizer, image_token_id, 2)
+    batch = train.training_batch(processor, negative_only)
+    names_at = train.name_positions(batch, negative_only, processor.tokenizer)
+    rows, _, target_mask, centres = train.name_queries(batch, negative_only, names_at, image_token_id, 2)
     assert len(rows) == len(target_mask) == len(centres) == 0
 
 

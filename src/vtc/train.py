@@ -362,15 +362,15 @@ def name_positions(batch, turns: list[list[Turn]], tokenizer) -> list[list[int]]
     return positions
 
 
-def name_queries(batch, turns: list[list[Turn]], tokenizer, image_token_id: int, num_heads: int):
+def name_queries(batch, turns: list[list[Turn]], names_at: list[list[int]], image_token_id: int, num_heads: int):
     """Where each object name ends in the prompt and the patches of what it names.
 
-    Returns rows [Q], query positions [Q] (the name's last word, see `name_positions`), a bool [Q, H, L] mask of
-    the named object's patches (the same for every head) and their mean position [Q, 2] (see `patch_centre`); Q may
-    be 0.
+    names_at: per turn, where its names end (see `name_positions`). Returns rows [Q], query positions [Q] (the name's
+    last word), a bool [Q, H, L] mask of the named object's patches (the same for every head) and their mean
+    position [Q, 2] (see `patch_centre`); Q may be 0.
     """
     rows, queries, targets, centres = [], [], [], []
-    flat_positions = iter(name_positions(batch, turns, tokenizer))
+    flat_positions = iter(names_at)
     length = batch["input_ids"].shape[1]
     for b, image_turns in enumerate(turns):
         image_positions = (batch["input_ids"][b] == image_token_id).nonzero().flatten()
@@ -516,7 +516,7 @@ def auxiliary_losses(model, tokenizer, keep: KeepQueriesAndKeys, probes: Geometr
     answer_rows, answers, answer_target = answer_queries(batch, turns, image_token_id, num_heads, names_at)
     shares = [_rows_of(layers[i].self_attn, keep, answer_rows, answers) for i in GROUNDED_LAYERS]
     losses = {"ground": grounding_loss(shares, answer_target)}
-    name_rows, names, name_mask, centres = name_queries(batch, turns, tokenizer, image_token_id, num_heads)
+    name_rows, names, name_mask, centres = name_queries(batch, turns, names_at, image_token_id, num_heads)
     if len(name_rows):
         name_attention = [_rows_of(layers[NAME_LAYER].self_attn, keep, name_rows, names)]
         losses["names"] = grounding_loss(name_attention, evenly(name_mask))
