@@ -81,6 +81,10 @@ def parse_prediction(prediction: str) -> str:
     return "other"
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    return parse_prediction(prediction) == answer.strip().lower()
+
+
 def score(records: list[dict]) -> dict[str, float]:
     # category -> image -> [right?]
     table: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))

@@ -72,6 +72,10 @@ def parse_prediction(prediction: str) -> str:
     return pred[:1]
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    return parse_prediction(prediction).lower() == answer.strip().lower()
+
+
 def score(records: list[dict]) -> dict[str, float]:
     return accuracy_by_family(
         records, lambda r: parse_prediction(r["prediction"]).lower() == r["answers"][0].strip().lower()
