@@ -69,6 +69,7 @@ CONSTANTS = [
     "mens room", "dont", "don't", "it's", "its", "Im", "I'm", "y'all", "the man", "a man", "man.", "Man!", "t-shirt",
     "t shirt", "tshirt", "Dr. Who", "3.5", "3.0", "12.5", "so x = 12.5", "yes...", "no..", "N/A", "n/a", "nan",
     "banana", "left", "right", "A B", "(A) or (B)", "A, B", "I choose B", "C is wrong, D", "b.", "e",
+    "Failed to obtain answer via API: B", "5cm", "12.5kg", "-3.0e2m", "x is so \n12.5", "so \nthe answer is 3",
 ]  # fmt: skip
 
 
@@ -566,7 +567,7 @@ def test_mmbench(lmms, fixtures_dir, tmp_path):
         return choice or None, float(choice == doc["answer"])
 
     def ours(record):
-        choice = mmbench.extract_choice(record["prediction"], meta_of(record)["options"])
+        choice = mmbench.extract_choice(record["prediction"], meta_of(record))
         return choice, float(choice == record["answers"][0])
 
     def aggregate(docs_, predictions):
@@ -653,7 +654,8 @@ def test_mmmu(lmms, fixtures_dir, tmp_path):
 
     def bases(doc):
         if doc["question_type"] == "open":
-            return [doc["answer"], "42", f"The answer is {doc['answer']}", f"so x = {doc['answer']}."]
+            return [doc["answer"], "42", f"The answer is {doc['answer']}", f"so x = {doc['answer']}.",
+                    f"{doc['answer']}kg", f"x is so \n{doc['answer']}"]  # fmt: skip
         options = eval(doc["options"])  # noqa: S307 - our own literal
         k = ord(doc["answer"]) - 65
         wrong = (k + 1) % len(options)
