@@ -567,7 +567,7 @@ def test_mmbench(lmms, fixtures_dir, tmp_path):
         return choice or None, float(choice == doc["answer"])
 
     def ours(record):
-        choice = mmbench.extract_choice(record["prediction"], meta_of(record))
+        choice = mmbench.extract_choice(record["prediction"], mmbench.scored_options(meta_of(record)))
         return choice, float(choice == record["answers"][0])
 
     def aggregate(docs_, predictions):

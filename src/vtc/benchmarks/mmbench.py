@@ -163,12 +163,16 @@ def _mcq_letter(prediction: str, letters: list[str]) -> str | None:
     return sorted(found, key=lambda f: (_PRIORITY[f[0]], f[1]), reverse=True)[0][2]
 
 
-def extract_choice(prediction: str, meta: dict) -> str | None:
+def scored_options(meta: dict) -> dict[str, str]:
+    """The options lmms-eval's scorer sees (A-D); rows prepared before `scored_options` existed use `options`."""
+    options = meta.get("scored_options", meta.get("options", {}))
+    return {k: str(v) for k, v in options.items() if k in "ABCD"}
+
+
+def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
     """The option letter lmms-eval's static path reads from an output, or None (see the module docstring).
 
-    `meta` is the row's meta; rows prepared before `scored_options` existed fall back to `options`."""
-    options = meta.get("scored_options", meta.get("options", {}))
-    options = {k: str(v) for k, v in options.items() if k in "ABCD"}
+    `options`: letter -> text, as `scored_options` gives them."""
     prediction = str(prediction).strip()
     return (
         _letter_word(prediction)
@@ -181,7 +185,7 @@ def score(records: list[dict]) -> dict[str, float]:
     rows = []  # (index, category, l2 category, right?, extracted?)
     for record in records:
         meta = meta_of(record)
-        choice = extract_choice(record["prediction"], meta)
+        choice = extract_choice(record["prediction"], scored_options(meta))
         index = int(meta.get("index", record["id"]))
         rows.append((index, record["family"], meta.get("l2_category"), choice == record["answers"][0], choice))
     by_question: dict[int, list[bool]] = defaultdict(list)
