@@ -34,6 +34,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import yaml
 
 import lmms_eval_reference
 from vtc.benchmarks import LMMS_EVAL_VERSION, get_benchmark, gqa, mmbench, mme, mmmu, pope, scienceqa, seedbench
@@ -213,6 +214,13 @@ def by_key(items, key):
     return groups
 
 
+def task_kwargs(lmms, task_file: str, **override) -> dict:
+    """The `lmms_eval_specific_kwargs.default` of a task yaml (its `!function` lines dropped, as lmms-eval does)."""
+    text = (lmms.root / "tasks" / task_file).read_text()
+    config = yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))
+    return config["lmms_eval_specific_kwargs"]["default"] | override
+
+
 @pytest.fixture(scope="module")
 def lmms():
     from loguru import logger
@@ -264,7 +272,8 @@ def test_gqa(lmms, fixtures_dir, tmp_path):
         return metrics
 
     run_benchmark("gqa", docs, rows, [d["answer"] for d in docs], reference,
-                  lambda r: float(gqa.is_correct(r["prediction"], r["answers"][0])), aggregate)  # fmt: skip
+                  lambda r: float(gqa.is_correct(r["prediction"], r["answers"][0])), aggregate,
+                  lambda d: lmms.gqa.gqa_doc_to_text(d, task_kwargs(lmms, "gqa/gqa.yaml")))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- VQAv2 / TextVQA
@@ -319,7 +328,8 @@ def test_vqav2(lmms, fixtures_dir, tmp_path):
     answers = [[a["answer"] for a in d["answers"]] for d in docs]
     bases = [vqa_bases(a, answers[(i + 1) % len(answers)]) for i, a in enumerate(answers)]
     run_benchmark("vqav2", docs, rows, bases, reference,
-                  lambda r: vqa_accuracy(r["prediction"], list(r["answers"]), mode="vqav2"), aggregate)  # fmt: skip
+                  lambda r: vqa_accuracy(r["prediction"], list(r["answers"]), mode="vqav2"), aggregate,
+                  lambda d: lmms.vqav2.vqav2_doc_to_text(d, task_kwargs(lmms, "vqav2/vqav2_val.yaml")))  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ["textvqa", "textvqa_ocr"])
@@ -332,6 +342,7 @@ def test_textvqa(lmms, fixtures_dir, tmp_path, name):
     write_mirror(tmp_path, "data/validation-00000-of-00001.parquet", docs, features)
     docs = read_back(tmp_path, "data/validation-00000-of-00001.parquet")
     rows = vtc_rows(name, tmp_path, "validation")
+    kwargs = task_kwargs(lmms, "textvqa/_default_template_textvqa_yaml", ocr=name == "textvqa_ocr")
 
     def reference(doc, prediction):
         return lmms.textvqa.textvqa_process_results(copy.deepcopy(doc), [prediction])["exact_match"]
@@ -341,7 +352,8 @@ def test_textvqa(lmms, fixtures_dir, tmp_path, name):
 
     bases = [vqa_bases(d["answers"], docs[(i + 1) % len(docs)]["answers"]) for i, d in enumerate(docs)]
     run_benchmark(name, docs, rows, bases, reference,
-                  lambda r: vqa_accuracy(r["prediction"], list(r["answers"]), mode="textvqa"), aggregate)  # fmt: skip
+                  lambda r: vqa_accuracy(r["prediction"], list(r["answers"]), mode="textvqa"), aggregate,
+                  lambda d: lmms.textvqa.textvqa_doc_to_text(d, kwargs))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------- POPE
@@ -393,7 +405,8 @@ def test_pope(lmms, fixtures_dir, tmp_path):
         return metrics
 
     bases = [[d["answer"], "no" if d["answer"].strip().lower() == "yes" else "yes"] for d in docs]
-    run_benchmark("pope", docs, rows, bases, reference, ours, aggregate, own_prefixes=("llava/",))
+    run_benchmark("pope", docs, rows, bases, reference, ours, aggregate,
+                  lambda d: m.pope_doc_to_text(d, task_kwargs(lmms, "pope/pope.yaml")), own_prefixes=("llava/",))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------ MME
@@ -450,7 +463,8 @@ def test_mme(lmms, fixtures_dir, tmp_path):
         return metrics
 
     bases = [[d["answer"], "no" if d["answer"].lower().startswith("y") else "yes"] for d in docs]
-    run_benchmark("mme", docs, rows, bases, reference, ours, aggregate)
+    run_benchmark("mme", docs, rows, bases, reference, ours, aggregate,
+                  lambda d: m.mme_doc_to_text(d, task_kwargs(lmms, "mme/mme.yaml")))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- ScienceQA
@@ -487,7 +501,8 @@ def test_scienceqa(lmms, fixtures_dir, tmp_path):
                 f"{chr(65 + wrong)}. {doc['choices'][wrong]}"]  # fmt: skip
 
     run_benchmark("scienceqa", docs, rows, [bases(d) for d in docs], reference,
-                  lambda r: float(scienceqa.is_correct(r["prediction"], r["answers"][0])), aggregate)  # fmt: skip
+                  lambda r: float(scienceqa.is_correct(r["prediction"], r["answers"][0])), aggregate,
+                  lambda d: m.sqa_doc_to_text(d, task_kwargs(lmms, "scienceqa/scienceqa_img.yaml")))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- SEED-Bench
@@ -521,7 +536,8 @@ def test_seedbench(lmms, fixtures_dir, tmp_path):
         return [doc["answer"], wrong, doc[f"choice_{doc['answer'].lower()}"], f"{doc['answer']}. x"]
 
     run_benchmark("seedbench", docs, rows, [bases(d) for d in docs], reference,
-                  lambda r: float(seedbench.is_correct(r["prediction"], r["answers"][0])), aggregate)  # fmt: skip
+                  lambda r: float(seedbench.is_correct(r["prediction"], r["answers"][0])), aggregate,
+                  m.seed_doc_to_text)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- MMBench
@@ -589,7 +605,8 @@ def test_mmbench(lmms, fixtures_dir, tmp_path):
         return [doc["answer"], wrong, str(doc[doc["answer"]]), str(texts.get(wrong, "")),
                 f"{doc['answer']}. {doc[doc['answer']]}", f"The answer is {wrong}"]  # fmt: skip
 
-    run_benchmark("mmbench", docs, rows, [bases(d) for d in docs], reference, ours, aggregate)
+    run_benchmark("mmbench", docs, rows, [bases(d) for d in docs], reference, ours, aggregate,
+                  lambda d: m.mmbench_doc_to_text(d, task_kwargs(lmms, "mmbench/_default_template_mmbench_en_yaml")))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- MMMU
@@ -663,25 +680,30 @@ def test_mmmu(lmms, fixtures_dir, tmp_path):
                 f"({doc['answer']})", f"{chr(65 + wrong)}. {options[wrong]}"]  # fmt: skip
 
     run_benchmark("mmmu", docs, rows, [bases(d) for d in docs], reference,
-                  lambda r: float(mmmu.is_correct(r)), aggregate)  # fmt: skip
+                  lambda r: float(mmmu.is_correct(r)), aggregate,
+                  lambda d: m.mmmu_doc_to_text(d, task_kwargs(lmms, "mmmu/mmmu_val.yaml")))  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- driver
 
 
-def run_benchmark(name, docs, rows, bases, reference, ours, aggregate, own_prefixes=()):
-    """Per-sample then per-run comparison; fails listing the first mismatches and their count."""
+def run_benchmark(name, docs, rows, bases, reference, ours, aggregate, doc_to_text, own_prefixes=()):
+    """Prompts, per-sample results, then per-run aggregates; fails listing the first mismatches and their count."""
     assert len(docs) == len(rows), f"{name}: the loader kept {len(rows)} of {len(docs)} documents"
     rng = random.Random(f"lmms-eval-parity/{name}")
     pools = [prediction_pool(b if isinstance(b, list) else [b], rng) for b in bases]
     bad = Mismatches()
+    prompt = get_benchmark(name).prompt
+    for i, (doc, row) in enumerate(zip(docs, rows)):
+        bad.check(f"{name} doc {i} prompt", doc_to_text(doc), prompt(row))
+    prompts = len(bad)
     samples = 0
     for i, (doc, row) in enumerate(zip(docs, rows)):
         for prediction in pools[i][1]:
             samples += 1
             bad.check(f"{name} doc {i} prediction {prediction!r}", reference(doc, prediction),
                       ours(row | {"prediction": prediction}))  # fmt: skip
-    per_sample = len(bad)
+    per_sample = len(bad) - prompts
     score = get_benchmark(name).score
     for r, (keep, predictions) in enumerate(runs(len(docs), pools, rng)):
         expected = aggregate([docs[i] for i in keep], predictions)
@@ -689,6 +711,7 @@ def run_benchmark(name, docs, rows, bases, reference, ours, aggregate, own_prefi
                     own_prefixes)  # fmt: skip
     assert samples >= MIN_PREDICTIONS, f"{name}: only {samples} predictions"
     assert not bad, (
-        f"{name}: {per_sample} of {samples} predictions and {len(bad) - per_sample} aggregates over {RUNS} runs differ "
-        f"from lmms-eval {LMMS_EVAL_VERSION}:\n" + "\n".join(bad[:25])
+        f"{name}: {prompts} of {len(docs)} prompts, {per_sample} of {samples} predictions and "
+        f"{len(bad) - prompts - per_sample} aggregates over {RUNS} runs differ from lmms-eval {LMMS_EVAL_VERSION}:\n"
+        + "\n".join(bad[:25])
     )

@@ -4,9 +4,11 @@ Source: `lmms-lab/MMBench`, config `en`, split `dev`. Rows with `index >= 1_000_
 re-orderings of a question (same image, options rotated); `index % 1_000_000` names the original question.
 The family is `category` (`L2-category` is kept in meta).
 
-Prompt (lmms-eval `mmbench_doc_to_text`): ``{hint} {question} Options:\\nA. ...\\nB. ...`` (the hint and its
-space are left out when the hint is missing / NaN / "nan"; options that are empty / NaN / "nan" are left out), then
-``\\nAnswer with the option's letter from the given choices directly.``. lmms-eval generates up to 1024
+Prompt (lmms-eval 0.7.3 `mmbench_doc_to_text`, its `sys_prompt` from mmbench.yaml):
+``{hint} {question} There are several options:\\nA. ...\\nB. ...`` (the hint and its space are left out when
+the hint is missing / NaN / "nan"; options that are empty / NaN / "nan" are left out; trailing newlines of the
+block are stripped), then ``\\n\\nAnswer with the option's letter from the given choices directly.`` (lmms-eval
+joins its post-prompt, which starts with a newline, with another one). lmms-eval generates up to 1024
 new tokens; we cap at 128 as LLaVA's own MMBench script does (LLaVA-1.5 answers with a letter; the cap only
 bounds batched decoding when a row rambles; 1024 is kept in `options["lmms_eval_max_new_tokens"]`). lmms-eval
 runs the original-LLaVA wrapper with `image_aspect_ratio: original` (kept in `options`).
@@ -45,6 +47,7 @@ from vtc.benchmarks._loading import dumps, image_digest, image_value, load_sourc
 CONFIG = "en"
 OPTION_LETTERS = ("A", "B", "C", "D", "E")
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
+SYS_PROMPT = "There are several options:"  # lmms-eval's mmbench.yaml metadata.sys_prompt
 CIRCULAR_OFFSET = 1_000_000
 _SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 
@@ -90,11 +93,11 @@ def _load(source: str, split: str, revision: str | None):
 
 def prompt(row: dict) -> str:
     meta = meta_of(row)
-    options = "Options:\n" + "\n".join(f"{k}. {v}" for k, v in sorted(meta["options"].items()))
+    options = (SYS_PROMPT + "\n" + "".join(f"{k}. {v}\n" for k, v in sorted(meta["options"].items()))).rstrip("\n")
     body = f"{row['question']} {options}"
     if meta.get("hint") is not None:  # an empty hint still adds its space, as in lmms-eval
         body = f"{meta['hint']} {body}"
-    return body + POST_PROMPT
+    return body + "\n" + POST_PROMPT
 
 
 _PATTERNS = (("", "."), ("", ","), ("", ":"), ("", ")"), ("", ")."), ("(", ")"), ("(", ")."), (":", ""), (":", ","),
