@@ -429,7 +429,7 @@ def test_mme(lmms, fixtures_dir, tmp_path):
     m = lmms.mme
 
     def reference(doc, prediction):
-        (key, result), = m.mme_process_results(doc, [prediction]).items()
+        ((key, result),) = m.mme_process_results(doc, [prediction]).items()
         return key, result["score"], m.parse_pred_ans(prediction)
 
     def ours(record):
@@ -528,7 +528,9 @@ def test_seedbench(lmms, fixtures_dir, tmp_path):
         results = [m.seed_process_result(d, [p])["seed_image"] for d, p in zip(docs_, predictions)]
         metrics = {"accuracy": 100 * m.seed_aggregation_result(results)}
         for type_id, items in by_key(zip(docs_, results), lambda x: x[0]["question_type_id"]).items():
-            metrics[f"accuracy/{seedbench.DIMENSIONS[type_id]}"] = 100 * m.seed_aggregation_result([r for _, r in items])
+            metrics[f"accuracy/{seedbench.DIMENSIONS[type_id]}"] = 100 * m.seed_aggregation_result(
+                [r for _, r in items]
+            )
         return metrics
 
     def bases(doc):

@@ -177,11 +177,7 @@ def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
 
     `options`: letter -> text, as `scored_options` gives them."""
     prediction = str(prediction).strip()
-    return (
-        _letter_word(prediction)
-        or _option_text(prediction, options)
-        or _mcq_letter(prediction, sorted(options))
-    )
+    return _letter_word(prediction) or _option_text(prediction, options) or _mcq_letter(prediction, sorted(options))
 
 
 def score(records: list[dict]) -> dict[str, float]:
