@@ -234,6 +234,34 @@ def test_version_recorded(lmms):
     assert LMMS_EVAL_VERSION == lmms_eval_reference.VERSION
 
 
+GENERATION = {  # vtc benchmark -> lmms-eval task yaml(s) whose generation_kwargs apply
+    "gqa": ["gqa/gqa.yaml"],
+    "vqav2": ["vqav2/_default_template_vqav2_yaml"],
+    "textvqa": ["textvqa/_default_template_textvqa_yaml"],
+    "textvqa_ocr": ["textvqa/_default_template_textvqa_yaml"],
+    "pope": ["pope/pope.yaml"],
+    "mme": ["mme/mme.yaml"],
+    "scienceqa": ["scienceqa/scienceqa_img.yaml"],
+    "seedbench": ["seedbench/seedbench.yaml"],
+    "mmbench": ["mmbench/_default_template_mmbench_en_yaml"],
+    "mmmu": ["mmmu/_default_template_yaml", "mmmu/mmmu_val.yaml"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GENERATION))
+def test_generation_length_equal_or_recorded(lmms, name):
+    """vtc generates as many new tokens as lmms-eval, or records lmms-eval's figure (a task without one gets the
+    `llava` wrapper's default, 1024) in `options["lmms_eval_max_new_tokens"]`, its docstring saying why."""
+    limit = None
+    for task_file in GENERATION[name]:
+        text = (lmms.root / "tasks" / task_file).read_text()
+        config = yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))
+        limit = (config.get("generation_kwargs") or {}).get("max_new_tokens", limit)
+    benchmark = get_benchmark(name)
+    if benchmark.max_new_tokens != limit:
+        assert benchmark.options.get("lmms_eval_max_new_tokens") == (limit or 1024), name
+
+
 # ------------------------------------------------------------------------------------------------ GQA
 
 GQA_ANSWERS = ["yes", "no", "man", "t-shirt", "right", "Man's hat", "dr. who", "2", "two", "ice cream", "U.S.", "50%",

@@ -35,6 +35,9 @@ with their original (`index < 1_000_000`): the original counts as right only whe
 is not in the scored set count nowhere; no original at all gives NaN. ``accuracy/<category>`` and
 ``accuracy_l2/<L2-category>`` are lmms-eval's category figures (over originals). vtc's own: ``row_accuracy``
 (every row on its own) and ``extracted`` (% of rows an option letter could be read from).
+The options lmms-eval's scorer sees are stored in meta as `scored_options` by `_load`; a dataset prepared
+before it existed falls back to the prompt's `options` (the "nan" options are then unknown to step 2): prepare
+it again for exact parity.
 """
 
 from __future__ import annotations

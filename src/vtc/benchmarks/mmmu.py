@@ -14,7 +14,8 @@ exactly one image, so we keep the FIRST referenced image (or `image_1` when none
 Prompt (lmms-eval `construct_prompt`, prompt_type "format"):
 multiple-choice: ``{question}\\n(A. opt\\nB. opt ...)\\n\\nAnswer with the option's letter from the given choices directly.``
 open:            ``{question}\\n\\nAnswer the question using a single word or phrase.``
-max_new_tokens 16.
+max_new_tokens 128, as lmms-eval's mmmu template (the open-answer parser reads key phrases anywhere in the
+output, so a shorter cap could change scores).
 
 Scoring follows MMMU's official rules, as lmms-eval uses them:
 - multiple-choice: strip ``, . ! ? ; : '`` from the ends, pad with spaces; candidates are letters written
@@ -284,7 +285,7 @@ MMMU = register_benchmark(
         load=_load,
         prompt=prompt,
         score=score,
-        max_new_tokens=16,
+        max_new_tokens=128,
         notes=(
             "MMMU val as lmms-eval `mmmu_val` with MMMU's official answer parsing (random letter, seeded by id, "
             "when none is found). Only the first referenced image is given to the model; meta.n_images > 1 marks "
