@@ -52,7 +52,6 @@ OPTION_LETTERS = ("A", "B", "C", "D", "E")
 POST_PROMPT = "\nAnswer with the option's letter from the given choices directly."
 SYS_PROMPT = "There are several options:"  # lmms-eval's mmbench.yaml metadata.sys_prompt
 CIRCULAR_OFFSET = 1_000_000
-_SEPARATORS = str.maketrans({c: " " for c in ".()[],:;!*#{}"})
 
 
 def _missing(value) -> bool:

@@ -63,6 +63,7 @@ def _load(source: str, split: str, revision: str | None):
         seen[key] += 1
 
     def convert(row: dict, index: int) -> dict:
+        gold(row["answer"])  # refuses an answer that is not yes/no now, not after generation
         return {
             "id": ids[index],
             "image_id": keys[index],
