@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
 	# The scorer parity tests import lmms-eval's own task code; its package requires torchvision, accelerate, openai,
-	# ... (and pins wandb), none of which that code uses: installed without them, it needs only loguru (dev extra).
+	# ... (and pins wandb), none of which that code uses: without them it needs only loguru (dev extra) beyond vtc's own.
 	$(PYTHON) -m pip install --quiet --no-deps lmms-eval==0.7.3
 	touch $@
 
