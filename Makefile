@@ -10,6 +10,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned, so pip takes the CPU wheel instead of pulling CUDA packages.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e ".[dev]"
+	# The scorer parity tests import lmms-eval's own task code; its package requires torchvision, accelerate, openai,
+	# ... (and pins wandb), none of which that code uses: without them it needs only loguru (dev extra) beyond vtc's own.
+	$(PYTHON) -m pip install --quiet --no-deps lmms-eval==0.7.3
 	touch $@
 
 .PHONY: setup study test

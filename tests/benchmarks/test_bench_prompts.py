@@ -92,18 +92,20 @@ def test_vqav2(rows):
 
 
 def test_mmbench_with_and_without_hint(rows):
+    # lmms-eval 0.7.3's text (its sys_prompt "There are several options:", a blank line before the instruction);
+    # vtc wrote "Options:" and a single newline before the lmms-eval parity tests
     got = prompts("mmbench", rows)
     assert got[0] == (
-        "Which animal is in the image? Options:\nA. dog\nB. cat\nC. bird\n"
+        "Which animal is in the image? There are several options:\nA. dog\nB. cat\nC. bird\n\n"
         "Answer with the option's letter from the given choices directly."
     )
     assert got[3] == (
-        "The man is holding an umbrella. What will happen next? Options:\n"
-        "A. he runs\nB. he sits\nC. he sleeps\nD. he opens it\n"
+        "The man is holding an umbrella. What will happen next? There are several options:\n"
+        "A. he runs\nB. he sits\nC. he sleeps\nD. he opens it\n\n"
         "Answer with the option's letter from the given choices directly."
     )
     assert got[4] == (
-        "How many apples are there? Options:\nA. 3\nB. 4\n"
+        "How many apples are there? There are several options:\nA. 3\nB. 4\n\n"
         "Answer with the option's letter from the given choices directly."
     )
 

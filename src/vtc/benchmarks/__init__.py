@@ -20,6 +20,10 @@ from typing import Callable, Iterable
 
 import datasets
 
+# The lmms-eval release whose task code the scorers reproduce (tests/benchmarks/test_lmms_eval_parity.py proves it
+# on generated predictions); every evaluate run records it.
+LMMS_EVAL_VERSION = "0.7.3"
+
 COMMON_FEATURES = datasets.Features(
     {
         "id": datasets.Value("string"),

@@ -3,15 +3,21 @@
 Source: `lmms-lab/GQA`, questions from config `testdev_balanced_instructions`, images from config
 `testdev_balanced_images` (joined on `imageId` -> `id`), split `testdev`.
 Prompt: ``{question}\\nAnswer the question using a single word or phrase.``; max_new_tokens 16, greedy.
-Score: lmms-eval `exact_match` with ignore_case + ignore_punctuation: lower-case both sides, delete every
-`string.punctuation` character, compare for equality (no article or number-word handling; we also strip
-surrounding whitespace from the decoded output). The family is the question's structural type
-(verify / query / choose / logical / compare).
+Score: lmms-eval's `exact_match` metric with ignore_case + ignore_punctuation (`lmms_eval/api/metrics.py`,
+`exact_match_hf_evaluate`), applied per sample as lmms-eval's `generate_until` scoring does: the output is
+stripped, then output and gold answer each become a one-element numpy string array, are lower-cased and
+stripped of every `string.punctuation` character with `np.char`, and compared. No article or number-word
+handling. Going through numpy is deliberate, so that its fixed-width strings behave the same: trailing NUL
+characters vanish ("yes\\x00" == "yes"), and a character whose lower case is longer ("İ" -> "i̇") is cut to the
+array's width. The family is the question's structural type (verify / query / choose / logical / compare);
+`accuracy/<family>` is vtc's own breakdown of the same per-sample scores.
 """
 
 from __future__ import annotations
 
 import string
+
+import numpy as np
 
 from vtc.benchmarks import Benchmark, accuracy_by_family, register_benchmark
 from vtc.benchmarks._loading import dumps, image_value, load_source, to_common, undecode_images
@@ -55,13 +61,14 @@ def prompt(row: dict) -> str:
     return row["question"] + POST_PROMPT
 
 
-def normalize(text: str) -> str:
-    """lmms-eval's exact_match normalisation with ignore_case and ignore_punctuation."""
-    return text.strip().lower().translate(_PUNCT_TABLE)
+def normalize(text: str) -> np.ndarray:
+    """lmms-eval's exact_match normalisation with ignore_case and ignore_punctuation, on a one-element array (its
+    width, the text's length, matters: see the module docstring)."""
+    return np.char.translate(np.char.lower(np.asarray([text])), table=_PUNCT_TABLE)
 
 
 def is_correct(prediction: str, answer: str) -> bool:
-    return normalize(prediction) == answer.lower().translate(_PUNCT_TABLE)
+    return bool((normalize(prediction.strip()) == normalize(answer))[0])
 
 
 def score(records: list[dict]) -> dict[str, float]:

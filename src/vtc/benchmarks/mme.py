@@ -5,11 +5,22 @@ shared by the image's two questions (one with answer Yes, one with No).
 Prompt: the question without its trailing " Please answer yes or no.", then
 ``\\nAnswer the question using a single word or phrase.``; max_new_tokens 16.
 
-Answer parsing (lmms-eval `parse_pred_ans`): lower-case, strip, delete every "."; "yes"/"no" as is, else
-"yes" if the first 4 characters contain "yes", else "no" if they contain "no", else "other".
-Per subtask: acc = % of questions right, acc+ = % of images with both questions right, score = acc + acc+
-(0-200). Perception = sum of the 10 perception subtask scores (max 2000), cognition = sum of the 4
-cognition subtask scores (max 800), total = perception + cognition (the "1862" of pruning papers).
+Answer parsing (lmms-eval `parse_pred_ans`): lower-case, strip, delete every "."; "yes"/"no" as is; a single
+character is "yes" if it is "y", "no" if "n", else "other"; otherwise "yes" if the first 4 characters contain
+"yes", else "no" if they contain "no", else "other". The gold answer is lower-cased, stripped and loses its "."
+too ("No." is "no"); anything but yes/no is refused, as lmms-eval refuses it.
+
+Per subtask: acc = % of questions right, acc+ = % of images with both questions right, score = lmms-eval's
+per-subtask figure, the mean over images of (image acc + image acc+) (0-200; = acc + acc+). perception =
+lmms-eval's `mme_perception_score`, the sum of the scores of the perception subtasks present (max 2000);
+cognition = `mme_cognition_score`, the same over every other subtask (lmms-eval counts any category that is
+not one of the 10 perception subtasks as cognition; max 800 on MME's 4); total = perception + cognition (the
+"1862" of pruning papers; vtc's own sum, over the sides that have items).
+
+Where lmms-eval reports no figure, vtc reports NaN: a side with no items (lmms-eval computes no metric that
+received none), and the score of a subtask, its side and total when one of its images does not have exactly
+two questions (lmms-eval refuses those: "MME only supports pairwise evaluation"; a `limit` subsample can cut a
+pair). acc and acc+ (vtc's own figures) are still given for such a subtask, acc+ over the questions present.
 """
 
 from __future__ import annotations
@@ -52,6 +63,7 @@ def _load(source: str, split: str, revision: str | None):
         seen[key] += 1
 
     def convert(row: dict, index: int) -> dict:
+        gold(row["answer"])  # refuses an answer that is not yes/no now, not after generation
         return {
             "id": ids[index],
             "image_id": keys[index],
@@ -73,6 +85,8 @@ def parse_prediction(prediction: str) -> str:
     text = prediction.lower().strip().replace(".", "")
     if text in ("yes", "no"):
         return text
+    if len(text) == 1:
+        return {"y": "yes", "n": "no"}.get(text, "other")
     head = text[:4]
     if "yes" in head:
         return "yes"
@@ -81,21 +95,46 @@ def parse_prediction(prediction: str) -> str:
     return "other"
 
 
+def gold(answer: str) -> str:
+    label = answer.lower().strip().replace(".", "")
+    if label not in ("yes", "no"):
+        raise ValueError(f"MME answer {answer!r} is neither yes nor no (lmms-eval refuses it too)")
+    return label
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return parse_prediction(prediction) == gold(answer)
+
+
+def _subtask_score(images: dict[str, list[bool]]) -> float:
+    """lmms-eval's per-subtask figure; NaN when an image does not have exactly two questions."""
+    if any(len(rights) != 2 for rights in images.values()):
+        return float("nan")
+    total = 0.0
+    for rights in images.values():
+        total += 100.0 * (sum(rights) == 2) + sum(rights) / len(rights) * 100.0
+    return total / len(images)
+
+
 def score(records: list[dict]) -> dict[str, float]:
-    # category -> image -> [right?]
+    # category -> image -> [right?], categories and images in order of appearance (lmms-eval sums in that order)
     table: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     for record in records:
-        right = parse_prediction(record["prediction"]) == record["answers"][0].strip().lower()
-        table[record["family"]][record["image_id"]].append(right)
+        table[record["family"]][record["image_id"]].append(is_correct(record["prediction"], record["answers"][0]))
     per_category: dict[str, dict[str, float]] = {}
     for category, images in table.items():
         answers = [r for rights in images.values() for r in rights]
-        acc = pct(sum(answers), len(answers))
-        acc_plus = pct(sum(all(rights) for rights in images.values()), len(images))
-        per_category[category] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
-    perception = sum(per_category[c]["score"] for c in PERCEPTION if c in per_category)
-    cognition = sum(per_category[c]["score"] for c in COGNITION if c in per_category)
-    metrics = {"total": perception + cognition, "perception": perception, "cognition": cognition}
+        per_category[category] = {
+            "acc": pct(sum(answers), len(answers)),
+            "acc_plus": pct(sum(all(rights) for rights in images.values()), len(images)),
+            "score": _subtask_score(images),
+        }
+    sides = {"perception": [], "cognition": []}
+    for category, values in per_category.items():
+        sides["perception" if category in PERCEPTION else "cognition"].append(values["score"])
+    side_scores = {side: sum(scores) if scores else float("nan") for side, scores in sides.items()}
+    present = [side_scores[side] for side, scores in sides.items() if scores]
+    metrics = {"total": sum(present) if present else float("nan"), **side_scores}
     for category in sorted(per_category):
         metrics |= {f"{k}/{category}": v for k, v in per_category[category].items()}
     return metrics

@@ -14,21 +14,31 @@ exactly one image, so we keep the FIRST referenced image (or `image_1` when none
 Prompt (lmms-eval `construct_prompt`, prompt_type "format"):
 multiple-choice: ``{question}\\n(A. opt\\nB. opt ...)\\n\\nAnswer with the option's letter from the given choices directly.``
 open:            ``{question}\\n\\nAnswer the question using a single word or phrase.``
-max_new_tokens 16.
+max_new_tokens 128, as lmms-eval's mmmu template (the open-answer parser reads key phrases anywhere in the
+output, so a shorter cap could change scores).
 
 Scoring follows MMMU's official rules, as lmms-eval uses them:
 - multiple-choice: strip ``, . ! ? ; : '`` from the ends, pad with spaces; candidates are letters written
   "(B)", else "B " (a letter followed by a space), else "B."; failing that, when the output is longer than
   5 words, options whose text occurs in it; several candidates -> the one that occurs last; none -> a random
-  letter (MMMU draws with Python's global RNG; we seed the draw with the question id so scores are
-  reproducible, expected value unchanged).
+  letter (seeded by the question id, see below).
 - open: take the text after the last key phrase ("could be", "so", "is", "thus", "therefore", "final",
   "answer", "result", and "=" in the last sentence) of each sentence, add every number found in it,
   normalise (numbers -> float rounded to 2 places, strings lower-cased; one-character strings padded with
   a space); right if a normalised gold number equals a predicted number or a normalised gold string is a
   substring of a predicted string.
-Metrics: accuracy over all questions (micro, lmms-eval's mmmu_acc), then per discipline (6 groups) and per
-subject.
+Metrics: accuracy over all questions (micro, lmms-eval's `mmmu_acc`), then per discipline (6 groups, those
+with questions) and per subject, each as lmms-eval computes it: per subject the share right, a group's figure the
+question-weighted mean of its subjects' shares, rounded to 5 decimals of the fraction (lmms-eval's `mmmu_acc`
+is `round(acc, 5)`; vtc reports 100 x that).
+
+Parsing follows lmms-eval 0.7.3 (MMMU's eval_utils.py) to the character: a number is extracted only where a
+word boundary follows its integer digits ("3kg" gives no number, "3 kg" gives 3), and a key phrase whose tail
+is empty gives way to the next phrase that matches, even a longer one.
+
+Deliberate difference: when no option can be read from a multiple-choice output, lmms-eval (and MMMU) draw a
+letter with Python's global `random.choice`, so scores change from run to run; vtc draws from a generator seeded
+with the question id (`zlib.crc32(id)`): reproducible, with the same expected value.
 """
 
 from __future__ import annotations
@@ -40,7 +50,7 @@ import zlib
 from collections import defaultdict
 
 from vtc.benchmarks import Benchmark, register_benchmark
-from vtc.benchmarks._loading import dumps, image_digest, image_value, load_source, meta_of, pct, to_common
+from vtc.benchmarks._loading import dumps, image_digest, image_value, load_source, meta_of, to_common
 
 MC_PROMPT = "Answer with the option's letter from the given choices directly."
 OPEN_PROMPT = "Answer the question using a single word or phrase."
@@ -170,7 +180,7 @@ def parse_multi_choice(response: str, options: list[str], seed: str = "") -> str
 _NUMBER_PATTERNS = (
     re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"),  # 1,234,567
     re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+"),  # 1.5e-3
-    re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+)(?![eE][+-]?\d+)(?![,\d])"),  # 12, 3.5, .5
+    re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"),  # 12, 3.5, .5
 )
 _KEY_PHRASES = ("could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result ")
 
@@ -205,7 +215,7 @@ def _key_responses(response: str) -> list[str]:
         for phrase in phrases:
             if phrase in sentence:
                 tail = sentence.split(phrase)[-1].strip()
-                if shortest is None or len(tail) < len(shortest):
+                if not shortest or len(tail) < len(shortest):  # an empty tail is replaced, as in MMMU's code
                     shortest = tail
         if shortest and shortest.strip() not in (":", ",", ".", "!", "?", ";", "'"):
             keys.append(shortest)
@@ -242,17 +252,27 @@ def is_correct(record: dict) -> bool:
     return eval_open(gold, parse_open(record["prediction"]))
 
 
+def _accuracy(by_subject: dict[str, list[bool]], subjects) -> float:
+    """lmms-eval's `calculate_ins_level_acc` over `subjects` (each subject's share weighted by its questions),
+    rounded as its `mmmu_aggregate_results`, in percent."""
+    weighted = total = 0
+    for subject in subjects:
+        hits = by_subject[subject]
+        weighted += sum(hits) / len(hits) * len(hits)
+        total += len(hits)
+    return 100 * round(weighted / total if total else 0, 5)
+
+
 def score(records: list[dict]) -> dict[str, float]:
-    by_subject: dict[str, list[bool]] = defaultdict(list)
+    by_subject: dict[str, list[bool]] = defaultdict(list)  # subjects in order of appearance, as lmms-eval sums
     for record in records:
         by_subject[record["family"]].append(is_correct(record))
-    hits = [h for subject in by_subject.values() for h in subject]
-    metrics = {"accuracy": pct(sum(hits), len(hits))}
+    metrics = {"accuracy": _accuracy(by_subject, list(by_subject))}
     for discipline, subjects in DISCIPLINES.items():
-        group = [h for s in subjects for h in by_subject.get(s, [])]
-        if group:
-            metrics[f"accuracy/{discipline}"] = pct(sum(group), len(group))
-    metrics |= {f"accuracy/{subject}": pct(sum(h), len(h)) for subject, h in sorted(by_subject.items())}
+        present = [s for s in subjects if s in by_subject]
+        if present:
+            metrics[f"accuracy/{discipline}"] = _accuracy(by_subject, present)
+    metrics |= {f"accuracy/{subject}": _accuracy(by_subject, [subject]) for subject in sorted(by_subject)}
     return metrics
 
 
@@ -265,7 +285,7 @@ MMMU = register_benchmark(
         load=_load,
         prompt=prompt,
         score=score,
-        max_new_tokens=16,
+        max_new_tokens=128,
         notes=(
             "MMMU val as lmms-eval `mmmu_val` with MMMU's official answer parsing (random letter, seeded by id, "
             "when none is found). Only the first referenced image is given to the model; meta.n_images > 1 marks "

@@ -12,9 +12,14 @@ Scoring, two parsings of the output:
 - LLaVA's `eval_pope.py` (``llava/*``): keep the first sentence (up to the first "."), delete commas, and
   the answer is "no" if one of the words is ``no``/``not``/``No``, otherwise "yes".
 
-Metrics are reported pooled over the 9,000 rows (what lmms-eval reports) and per category; ``f1_mean`` (the
-mean F1 over the three categories, the number LLaVA and the pruning papers report) comes first.
-``yes_ratio`` is the fraction of rows *predicted* "yes". All values are percentages.
+Metrics are reported pooled over the 9,000 rows (what lmms-eval's `pope` reports) and per category (what its
+`pope_adv` / `pope_pop` / `pope_random` report); ``f1_mean`` (the mean F1 over the three categories, the
+number LLaVA and the pruning papers report) comes first. All values are percentages.
+
+``yes_ratio`` is lmms-eval's `pope_yes_ratio`: the share of rows whose *ground truth* is "yes" (it does not
+depend on the model; 50 on POPE). The share of rows *predicted* "yes", a hallucination indicator, is vtc's own
+``pred_yes_ratio``. LLaVA's eval_pope.py prints that predicted share under the name "yes_ratio"; vtc reports it
+as ``llava/pred_yes_ratio`` so that each name means one thing (``llava/yes_ratio`` is the ground-truth share).
 """
 
 from __future__ import annotations
@@ -64,7 +69,8 @@ def parse_llava(prediction: str) -> str:
 
 
 def binary_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
-    """(parsed prediction, ground truth) pairs -> accuracy, precision, recall, f1, yes_ratio (percentages)."""
+    """(parsed prediction, ground truth) pairs -> accuracy, precision, recall, f1, yes_ratio (ground truth),
+    pred_yes_ratio (percentages), as lmms-eval's `pope_aggregate_*` functions."""
     tp = sum(1 for p, g in pairs if g == "yes" and p == "yes")
     fp = sum(1 for p, g in pairs if g == "no" and p == "yes")
     fn = sum(1 for p, g in pairs if g == "yes" and p == "no")
@@ -77,7 +83,8 @@ def binary_metrics(pairs: list[tuple[str, str]]) -> dict[str, float]:
         "precision": 100 * precision,
         "recall": 100 * recall,
         "f1": 100 * f1,
-        "yes_ratio": pct(sum(1 for p, _ in pairs if p == "yes"), len(pairs)),
+        "yes_ratio": pct(sum(1 for _, g in pairs if g == "yes"), sum(1 for _, g in pairs if g in ("yes", "no"))),
+        "pred_yes_ratio": pct(sum(1 for p, _ in pairs if p == "yes"), len(pairs)),
     }
 
 

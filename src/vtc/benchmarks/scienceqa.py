@@ -7,9 +7,9 @@ Prompt: ``Context: {hint}\\n`` (only when the hint is non-empty), then ``{questi
 then ``\\nAnswer with the option's letter from the given choices directly.``; max_new_tokens 16. lmms-eval
 also sets `image_aspect_ratio: original` for the original-LLaVA model wrapper (kept in `options`).
 
-Score (lmms-eval `sqa_process_results`, itself LLaVA's rule): right when the whole output is the letter
-(we compare case-insensitively after stripping whitespace), or when it starts with an upper-case letter
-followed by "." ("B. cat") and that letter is right. Anything else ("(B)", "The answer is B") is wrong.
+Score (lmms-eval `sqa_process_results`, itself LLaVA's rule): right when the stripped output, lower-cased, is
+the letter, or when it starts with an upper-case letter followed by "." ("B. cat") and that letter is right.
+Anything else ("(B)", "The answer is B") is wrong.
 """
 
 from __future__ import annotations
@@ -79,11 +79,12 @@ def prompt(row: dict) -> str:
 
 
 def is_correct(prediction: str, letter: str) -> bool:
+    target = letter.strip().lower()
     pred = prediction.strip()
-    if pred.upper() == letter.upper():
+    if pred.lower() == target:
         return True
     if len(pred) >= 2 and pred[0].isupper() and pred[1] == ".":
-        return pred[0] == letter
+        return pred[0].lower() == target
     return False
 
 

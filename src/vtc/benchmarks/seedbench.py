@@ -72,10 +72,13 @@ def parse_prediction(prediction: str) -> str:
     return pred[:1]
 
 
+def is_correct(prediction: str, answer: str) -> bool:
+    """lmms-eval `seed_aggregation_result`'s comparison."""
+    return parse_prediction(prediction).lower().strip() == answer.lower().strip()
+
+
 def score(records: list[dict]) -> dict[str, float]:
-    return accuracy_by_family(
-        records, lambda r: parse_prediction(r["prediction"]).lower() == r["answers"][0].strip().lower()
-    )
+    return accuracy_by_family(records, lambda r: is_correct(r["prediction"], r["answers"][0]))
 
 
 SEEDBENCH = register_benchmark(

@@ -1,8 +1,8 @@
-"""VQA answer normalisation and accuracy, as the official VQA evaluator / EvalAI define them.
+"""VQA answer normalisation and accuracy, as lmms-eval 0.7.3's `vqav2_val` and `textvqa_val` compute them.
 
-Shared by `vqav2` and `textvqa` (and available to `gqa`, whose lmms-eval scorer does not use it). Written
-from the published rules of the VQA evaluation (visualqa.org/evaluation, the `vqaEval.py` reference
-evaluator and EvalAI's answer processor), reproducing their quirks on purpose so that numbers agree:
+Shared by `vqav2` and `textvqa`. The rules are those of the VQA evaluation (visualqa.org/evaluation, the
+`vqaEval.py` reference evaluator and EvalAI's answer processor, which lmms-eval's `EvalAIAnswerProcessor`
+copies), quirks kept on purpose so that numbers agree:
 
 - `tokenize`: lower-case, delete ``,`` and ``?``, split the possessive ``'s`` into ``" 's"``, strip.
 - `process_punctuation`: each of ``; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !`` is deleted when it touches a
@@ -14,6 +14,10 @@ evaluator and EvalAI's answer processor), reproducing their quirks on purpose so
   drop the articles ``a an the``, then restore apostrophes of known contractions (``dont`` -> ``don't``).
 - `vqa_accuracy`: the 10-choose-9 average of ``min(1, #matching humans / 3)``: for each of the 10 human
   answers, count how many of the *other* 9 equal the prediction.
+
+The two tasks differ in which steps they run (see `vqa_accuracy`). Deliberate difference: lmms-eval's `vqav2`
+leaves a human answer out by comparing answer *records* (text, confidence, answer_id), vtc by position; the
+hub's answer ids are 1..10 within a question, so both leave out exactly one answer.
 """
 
 from __future__ import annotations
@@ -110,19 +114,21 @@ def leave_one_out_accuracy(prediction: str, answers: list[str]) -> float:
 def vqa_accuracy(prediction: str, answers: list[str], mode: str = "vqav2") -> float:
     """VQA accuracy of one prediction against the (usually 10) human answers, in [0, 1].
 
-    mode="vqav2" (lmms-eval `vqav2_val`, mirroring `vqaEval.py`): the prediction gets the full
-    `normalize_answer`; human answers are only whitespace-stripped, and when they disagree both sides are
-    additionally passed through punctuation and digit/article processing.
-    mode="textvqa" (lmms-eval `textvqa_val` / the TextVQA m4c evaluator): prediction and every human
-    answer get the full `normalize_answer`.
+    mode="vqav2" (lmms-eval 0.7.3 `vqav2_process_results`): prediction and every human answer alike get
+    newlines/tabs -> spaces, strip, `process_punctuation`, `process_digit_article`, once each, also when all
+    humans agree; no `tokenize` (so "he's" and "men's" keep their apostrophe and are not split).
+    mode="textvqa" (lmms-eval `textvqa_process_results` / the TextVQA m4c evaluator): prediction and every
+    human answer get the full `normalize_answer`.
     """
-    pred = normalize_answer(prediction)
     if mode == "textvqa":
-        return leave_one_out_accuracy(pred, [normalize_answer(a) for a in answers])
-    if mode != "vqav2":
-        raise ValueError(f"unknown VQA accuracy mode {mode!r}")
-    gts = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    if len(set(gts)) > 1:
-        gts = [process_digit_article(process_punctuation(a)) for a in gts]
-        pred = process_digit_article(process_punctuation(pred))
-    return leave_one_out_accuracy(pred, gts)
+        process = normalize_answer
+    elif mode == "vqav2":
+        process = _vqav2_answer
+    else:
+        raise ValueError(f"unknown VQA accuracy mode {mode!r}; allowed: 'vqav2', 'textvqa'")
+    return leave_one_out_accuracy(process(prediction), [process(a) for a in answers])
+
+
+def _vqav2_answer(text: str) -> str:
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    return process_digit_article(process_punctuation(text))

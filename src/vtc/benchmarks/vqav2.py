@@ -4,10 +4,11 @@ Source: `lmms-lab/VQAv2`, split `validation` (`testdev` / `test` exist but have 
 test-dev numbers come from EvalAI submissions, which this benchmark does not do). The family is
 `answer_type` (yes/no, number, other).
 Prompt: ``{question}\\nAnswer the question using a single word or phrase.``; max_new_tokens 16.
-Score: standard VQA accuracy (`vqa_eval.vqa_accuracy`, mode "vqav2"): the prediction gets the full EvalAI
-answer processing; when the 10 human answers disagree both sides also get punctuation and
-digit/article/contraction processing; accuracy = mean over the 10 leave-one-out subsets of
-min(1, #matching humans / 3). Percentages, overall and per answer type.
+Score: VQA accuracy as lmms-eval 0.7.3's `vqav2_process_results` (`vqa_eval.vqa_accuracy`, mode "vqav2"):
+prediction and the 10 human answers alike get whitespace, punctuation and digit/article/contraction
+processing (not the full EvalAI answer processing: no lower-casing before the punctuation step, no "'s"
+split); accuracy = mean over the 10 leave-one-out subsets of min(1, #matching humans / 3). Percentages,
+overall (lmms-eval's `exact_match`) and per answer type (vtc's breakdown of the same per-sample scores).
 """
 
 from __future__ import annotations

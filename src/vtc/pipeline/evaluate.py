@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vtc.benchmarks import get_benchmark, read_common_parquet
+from vtc.benchmarks import LMMS_EVAL_VERSION, get_benchmark, read_common_parquet
 from vtc.cache import Store, unpack_bool
 from vtc.methods import import_plugins, method_stage, resolved_hparams
 from vtc.models import inllm, llava
@@ -223,6 +223,8 @@ def evaluate(
     result = {
         **run_info,
         "benchmark": benchmark_name,
+        # the lmms-eval release whose scoring the benchmark reproduces (tests/benchmarks/test_lmms_eval_parity.py)
+        "lmms_eval_version": LMMS_EVAL_VERSION,
         "n": len(records),
         "num_visual_tokens": store.manifest["num_tokens"],
         "metrics": metrics,
@@ -242,6 +244,7 @@ def evaluate(
         **run_info,
         **{f"model/{k}": v for k, v in model_cfg.items()},
         "benchmark": benchmark_name,
+        "lmms_eval_version": LMMS_EVAL_VERSION,
         "max_new_tokens": benchmark.max_new_tokens,
         "decoding": "greedy",
         "padding_side": "left",
