@@ -116,7 +116,9 @@ def test_batch_equals_one_at_a_time_with_overflowing_regions(make_tokens, one_im
     tokens = make_tokens(3, (6, 6), 5)
     # Concentrated attention: at 20 a region overflows in image 1 only, at 30 in every image, at 9 in none.
     attention = tokens.cls_attention**20
-    tokens = make_tokens(projected=tokens.projected, cls_attention=attention / attention.sum(-1, keepdim=True), grid=(6, 6))
+    tokens = make_tokens(
+        projected=tokens.projected, cls_attention=attention / attention.sum(-1, keepdim=True), grid=(6, 6)
+    )
     batched = holov(tokens, budget, regions=5)
     for b in range(3):
         assert torch.equal(batched.sources[b], holov(one_image(tokens, b), budget, regions=5).sources[0])

@@ -50,7 +50,9 @@ ATTENTION_SCALE = 1e3
 
 
 @register_method("holov")
-def holov(tokens: VisualTokens, budget: int, *, regions: int = 16, alpha: float = 0.09, order: str = "region") -> Reduced:
+def holov(
+    tokens: VisualTokens, budget: int, *, regions: int = 16, alpha: float = 0.09, order: str = "region"
+) -> Reduced:
     """The budget split over `regions` runs of consecutive patches by region score, each region's share filled with
     its most attended patches.
 
@@ -135,7 +137,9 @@ def allocate(scores: torch.Tensor, sizes: torch.Tensor, budget: int) -> torch.Te
         rest = left - shares.sum(dim=-1, keepdim=True)
         # Full regions rank last, so the one-token top-ups go to regions with room.
         ranking = weights.masked_fill(full, -1).sort(dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(ranking).scatter_(1, ranking, torch.arange(num_regions, device=scores.device).expand_as(ranking))
+        rank = torch.empty_like(ranking).scatter_(
+            1, ranking, torch.arange(num_regions, device=scores.device).expand_as(ranking)
+        )
         shares = shares + ((rank < rest) & ~full).long()
         shares = torch.where(full, sizes, shares)
         over = shares > sizes
