@@ -128,3 +128,10 @@ def test_batch_equals_one_at_a_time_with_overflowing_regions(make_tokens, one_im
 def test_bad_hyperparameters_are_rejected(make_tokens, hparams, key):
     with pytest.raises(ValueError, match=key):
         holov(make_tokens(1, (2, 2)), 2, **hparams)
+
+
+def test_nothing_pruned_is_full(make_tokens):
+    tokens = make_tokens(2, (4, 4), 3)
+    reduced = holov(tokens, 16)
+    assert torch.equal(reduced.tokens, tokens.projected)
+    assert torch.equal(reduced.sources, torch.eye(16, dtype=torch.bool).expand(2, -1, -1))

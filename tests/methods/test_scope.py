@@ -85,3 +85,10 @@ def test_batch_equals_one_at_a_time(make_tokens, one_image, budget):
     batched = scope(tokens, budget)
     for b in range(3):
         assert torch.equal(batched.sources[b], scope(one_image(tokens, b), budget).sources[0])
+
+
+def test_nothing_pruned_is_full(make_tokens):
+    tokens = make_tokens(2, (4, 4), 3)
+    reduced = scope(tokens, 16)
+    assert torch.equal(reduced.tokens, tokens.projected)
+    assert torch.equal(reduced.sources, torch.eye(16, dtype=torch.bool).expand(2, -1, -1))

@@ -93,3 +93,10 @@ def test_batch_equals_one_at_a_time_through_several_rounds(make_tokens, one_imag
 def test_important_ratio_out_of_range_is_rejected(make_tokens, ratio):
     with pytest.raises(ValueError, match="important_ratio"):
         vispruner(make_tokens(1, (2, 2)), 2, important_ratio=ratio)
+
+
+def test_nothing_pruned_is_full(make_tokens):
+    tokens = make_tokens(2, (4, 4), 3)
+    reduced = vispruner(tokens, 16)
+    assert torch.equal(reduced.tokens, tokens.projected)
+    assert torch.equal(reduced.sources, torch.eye(16, dtype=torch.bool).expand(2, -1, -1))
