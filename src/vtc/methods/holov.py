@@ -18,8 +18,13 @@ the feature layer averaged over heads from `multimodal_encoder/clip_encoder.py`)
 5. feeds them region by region, a region's patches by decreasing attention (a whole region in raster order), LLaVA
    renumbering their position ids (the pipeline's default `positions: renumbered`).
 
-Since s equalises the two terms' means, a region's score is (1 + α) · mean(1000 a) unless its variances are all
-near zero: the variance term hardly changes the allocation, as the reference computes it.
+The paper speaks of spatial crops; the reference's crops are these raster runs, which we follow. (Third-party
+summaries of the paper also mention re-fetching pruned context through the FFN; the reference's LLaVA code has no
+such step, nor do we.)
+
+Since a, v ≥ 0, a region's score is mean(1000 a) · (1 + α · m / (m + 10⁻⁶)), m its mean variance: (1 + α) times its
+mean scaled attention unless its variances are all near zero. As the reference computes it, the variance term
+hardly changes the allocation.
 
 Deliberate differences from the reference:
 
