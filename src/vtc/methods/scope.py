@@ -60,7 +60,7 @@ def saliency_coverage_greedy(similarity: torch.Tensor, saliency: torch.Tensor, k
     coverage = torch.zeros(batch_size, num_points, device=similarity.device)
     picked = torch.zeros(batch_size, num_points, dtype=torch.bool, device=similarity.device)
     # columns[b, j, i] = similarity[b, i, j]: each gain sums along memory, into one reused buffer (about 3× faster on CPU
-    # than summing over dim 1 of fresh temporaries; the same values and sums).
+    # than summing over dim 1 of fresh temporaries; the same values summed).
     columns = similarity.transpose(1, 2).contiguous()
     buffer = torch.empty_like(columns)
     order = []
