@@ -124,6 +124,9 @@ class LayerState:
     prompt:          [B, L0, D] the spliced prompt as layer 0 received it, before any pruning.
     prompt_image:    [B, N] positions of its image tokens. Text is never pruned, so the text after the image is the
                      same tokens at the end of `prompt` and of the current sequence (left padding).
+    layer_attention: rows [B, L] bool → [B, L]: as `attention`, but of layer K itself, the first layer that will
+                     process the kept tokens: its input norm, query and key projections applied to `hidden`, with the
+                     rotary embedding of the current positions, before layer K runs (PyramidDrop's ranking).
     """
 
     hidden: torch.Tensor
@@ -136,6 +139,7 @@ class LayerState:
     attention: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt: torch.Tensor | None = None
     prompt_image: torch.Tensor | None = None
+    layer_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
