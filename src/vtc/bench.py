@@ -519,6 +519,11 @@ def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
                 f"method {label!r} ({name}) merges tokens inside the vision tower (stage 'encoder'); vtc.bench starts "
                 "from the vision tower's output, shared by every method, so it cannot time it"
             )
+        if stage == "question":
+            raise ValueError(
+                f"method {label!r} ({name}) reduces per question (stage 'question') with a relevance model of its own; "
+                "vtc.bench times methods of the cached vision-tower output alone, so it cannot time it"
+            )
         if stage == "llm" and attn not in IN_LLM_KERNELS:
             raise ValueError(
                 f"method {label!r} ({name}) prunes inside the language model, whose decoder loop builds 4-D masks that "
