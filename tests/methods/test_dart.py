@@ -78,8 +78,12 @@ def test_reference_pivot_order_is_the_python_set_order_of_unpadded_positions():
 def test_reference_pivot_order_in_a_batch_equals_each_row_alone():
     rows = [_prefixed(4), _prefixed(4, padding=3)]
     length = 12
-    keys = torch.stack([torch.cat([k, torch.zeros(length - len(k), 2)]) if i == 0 else k for i, (k, *_) in enumerate(rows)])
-    states = torch.stack([torch.cat([s, torch.zeros(length - len(s), 2)]) if i == 0 else s for i, (_, s, *_) in enumerate(rows)])
+    keys = torch.stack(
+        [torch.cat([k, torch.zeros(length - len(k), 2)]) if i == 0 else k for i, (k, *_) in enumerate(rows)]
+    )
+    states = torch.stack(
+        [torch.cat([s, torch.zeros(length - len(s), 2)]) if i == 0 else s for i, (_, s, *_) in enumerate(rows)]
+    )
     valid = torch.tensor([[True] * 9 + [False] * 3, [False] * 3 + [True] * 9])
     image_pos = torch.stack([rows[0][2], rows[1][2]])
     is_image = torch.zeros(2, length, dtype=torch.bool).scatter_(1, image_pos, True)

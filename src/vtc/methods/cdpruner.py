@@ -151,7 +151,9 @@ def clip_embeddings(model, tokenizer, features: torch.Tensor, questions) -> tupl
         padded[: len(ids)] = ids
         mask = torch.zeros_like(padded)
         mask[: len(ids)] = 1
-        embeds = model.get_text_features(input_ids=padded.view(segments, width), attention_mask=mask.view(segments, width))
+        embeds = model.get_text_features(
+            input_ids=padded.view(segments, width), attention_mask=mask.view(segments, width)
+        )
         embeds = getattr(embeds, "pooler_output", embeds)  # a tensor in older transformers, an output object in 5.x
         texts.append(F.normalize(embeds.float(), dim=-1).mean(dim=0))
     return image, torch.stack(texts)[:, None]
@@ -185,7 +187,9 @@ def cdpruner(tokens: VisualTokens, budget: int, *, relevance: str = "clip", clip
         image, text = clip_embeddings(model, tokenizer, tokens.features, tokens.questions)
     else:
         if tokens.model is None:
-            raise ValueError("cdpruner with relevance llm needs the LLaVA model (VisualTokens.model) for its embeddings")
+            raise ValueError(
+                "cdpruner with relevance llm needs the LLaVA model (VisualTokens.model) for its embeddings"
+            )
         embedding, tokenizer = _llm(tokens.model["path"], tokens.model.get("revision"))
         image, text = tokens.projected, llm_embeddings(embedding, tokenizer, tokens.questions)
     return selection(tokens, cdpruner_select(tokens.projected, image, text.to(image.device), budget))

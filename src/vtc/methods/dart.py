@@ -114,7 +114,9 @@ def dart_select(
 ) -> torch.Tensor:
     """`dart_select_row` for every row of a batch: [B, keep] indices into each row's N image tokens."""
     if pivot_order not in PIVOT_ORDERS:
-        raise HparamError("pivot_order", f"dart: pivot_order must be one of {', '.join(PIVOT_ORDERS)}, got {pivot_order!r}")
+        raise HparamError(
+            "pivot_order", f"dart: pivot_order must be one of {', '.join(PIVOT_ORDERS)}, got {pivot_order!r}"
+        )
     batch = state.keys.shape[0]
     keys = state.keys.transpose(1, 2).reshape(batch, state.keys.shape[2], -1)  # [B, L, H_kv·d]
     rows = []
@@ -124,7 +126,14 @@ def dart_select(
         offset = int(state.valid[row].int().argmax())  # the row's left padding: its first valid position
         rows.append(
             dart_select_row(
-                keys[row], state.normed[row], state.image[row], query, keep, pivot_image, pivot_text, pivot_order,
+                keys[row],
+                state.normed[row],
+                state.image[row],
+                query,
+                keep,
+                pivot_image,
+                pivot_text,
+                pivot_order,
                 offset,
             )
         )

@@ -110,7 +110,7 @@ def measure(
 
     Each record's label is the config's method name, and the JSON names the config's model, so the records join
     the evaluate results on (model, method, budget). In-LLM methods are timed with the same hyperparameters
-    (budget_mode, layer, ...) their evaluate runs use; encoder- and question-stage ones are listed under `not_measured`."""
+    (budget_mode, layer, ...) their evaluate runs use; encoder- and question-stage ones are under `not_measured`."""
     from vtc import bench
     from vtc.methods import import_plugins, method_entry, method_stage
 
