@@ -40,6 +40,8 @@ Deliberate differences from the reference:
   ties) with no Cholesky update. LLaVA-1.5 (width 4096, at most 576 picks) does not reach this on distinct tokens.
 - Ties: equal d_j² pick the lower index (`argmax`'s first maximum, as the reference).
 - Zero-norm vectors are normalised with a small epsilon (`F.normalize`) instead of dividing by zero.
+- Precision: the CLIP side, the relevance, the kernel and the greedy MAP run in float32 whatever the cache's dtype
+  (the reference: the tower's dtype up to the visual projection, float32 from the similarity on).
 """
 
 from __future__ import annotations
