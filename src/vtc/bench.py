@@ -22,7 +22,8 @@ Its selection happens inside prefill, so it has no reduce time before prefill (n
 by forward hooks on the model (`PrefillClock`): prefill ends with the first `lm_head` output, the rest is decode,
 and `selection_ms` is the time between the decoder layers where the visual-token count changes (the selection and
 the gather; part of prefill, in parentheses in the table's reduce columns). Needs --attn sdpa or eager. Methods of
-stage "encoder" (ToMe) replace the vision tower's forward, which this script runs once for all rows: not timed here.
+stage "encoder" (ToMe) replace the vision tower's forward, which this script runs once for all rows: not timed here;
+nor are those of stage "question" (CDPruner), which need each question and a relevance model of their own.
 
 The vision tower is identical for every method (it runs before reduction), so it is timed once (`encode_ms`) and
 left out of e2e. Next to each measurement stands the prediction of `vtc.cost` for the same shape, text length and
@@ -518,6 +519,11 @@ def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
             raise ValueError(
                 f"method {label!r} ({name}) merges tokens inside the vision tower (stage 'encoder'); vtc.bench starts "
                 "from the vision tower's output, shared by every method, so it cannot time it"
+            )
+        if stage == "question":
+            raise ValueError(
+                f"method {label!r} ({name}) reduces per question (stage 'question') with a relevance model of its own; "
+                "vtc.bench times methods of the cached vision-tower output alone, so it cannot time it"
             )
         if stage == "llm" and attn not in IN_LLM_KERNELS:
             raise ValueError(

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from vtc.methods import LayerState, get_method, method_stage
+from vtc.methods import HparamError, LayerState, get_method, method_stage
 from vtc.methods.dart import dart_select_row
 from vtc.models import inllm
 
@@ -48,3 +49,50 @@ def test_dart_batch_rows_select_on_their_own_positions():
     )  # fmt: skip
     assert get_method("dart")(state, 3, pivot_image=1, pivot_text=1).tolist() == [[0, 1, 2]] * 2
     assert method_stage("dart") == "llm" and inllm.prune_layer_default("dart") == 2
+
+
+def _prefixed(prefix: int, padding: int = 0):
+    """`_example` behind `prefix` − 1 more system tokens and `padding` positions of left padding (zeros)."""
+    keys, states, image, query = _example()
+    extra = prefix - 1 + padding
+    keys, states = torch.cat([torch.zeros(extra, 2), keys]), torch.cat([torch.zeros(extra, 2), states])
+    return keys, states, image + extra, query + extra
+
+
+def test_reference_pivot_order_is_the_python_set_order_of_unpadded_positions():
+    # 4 system tokens: image 4..7, question 8; image pivot (image token 1) at 5, text pivot at 8. A set of two small
+    # ints has 8 slots and iterates by value mod 8: 8 -> slot 0, 5 -> slot 5, so the reference visits the question
+    # pivot first; it takes the candidate least similar to (0,1): token 0 (1,0), cos 0. Sequence order: the image
+    # pivot (1,0) first takes token 2 (0,1).
+    keys, states, image, query = _prefixed(4)
+    order = dict(pivot_image=1, pivot_text=1)
+    assert dart_select_row(keys, states, image, query, 2, **order).tolist() == [1, 2]
+    assert dart_select_row(keys, states, image, query, 2, **order, pivot_order="reference").tolist() == [0, 1]
+    # behind 3 positions of left padding the pivots sit at 8 and 11 (image first by value mod 8); counted from the
+    # row's first valid token they are 5 and 8 again, so the row selects as it does alone
+    keys, states, image, query = _prefixed(4, padding=3)
+    assert dart_select_row(keys, states, image, query, 2, **order, pivot_order="reference", offset=3).tolist() == [0, 1]
+    assert dart_select_row(keys, states, image, query, 2, **order, pivot_order="reference", offset=0).tolist() == [1, 2]
+
+
+def test_reference_pivot_order_in_a_batch_equals_each_row_alone():
+    rows = [_prefixed(4), _prefixed(4, padding=3)]
+    length = 12
+    keys = torch.stack(
+        [torch.cat([k, torch.zeros(length - len(k), 2)]) if i == 0 else k for i, (k, *_) in enumerate(rows)]
+    )
+    states = torch.stack(
+        [torch.cat([s, torch.zeros(length - len(s), 2)]) if i == 0 else s for i, (_, s, *_) in enumerate(rows)]
+    )
+    valid = torch.tensor([[True] * 9 + [False] * 3, [False] * 3 + [True] * 9])
+    image_pos = torch.stack([rows[0][2], rows[1][2]])
+    is_image = torch.zeros(2, length, dtype=torch.bool).scatter_(1, image_pos, True)
+    state = LayerState(
+        hidden=None, normed=states, keys=keys[:, None], last_attention=None, image=image_pos,
+        text=valid & ~is_image, valid=valid,
+    )  # fmt: skip
+    dart = get_method("dart")
+    assert dart(state, 2, pivot_image=1, pivot_text=1, pivot_order="reference").tolist() == [[0, 1]] * 2
+    assert dart(state, 2, pivot_image=1, pivot_text=1).tolist() == [[1, 2]] * 2
+    with pytest.raises(HparamError, match="pivot_order must be one of sequence, reference"):
+        dart(state, 2, pivot_order="hash")

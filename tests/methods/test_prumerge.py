@@ -171,3 +171,18 @@ def test_neighbour_count_is_capped(make_tokens):
 def test_bad_hyperparameters_are_rejected(make_tokens, hparams, message):
     with pytest.raises(ValueError, match=message):
         prumerge(make_tokens(1, (2, 2)), 2, **hparams)
+
+
+@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus"])
+def test_bfloat16_inputs_are_computed_in_float32(make_tokens, name):
+    tokens = make_tokens(2, (6, 6), 5)
+    low = dataclasses.replace(
+        tokens, **{f: getattr(tokens, f).bfloat16() for f in ("projected", "features", "cls_attention", "keys")}
+    )
+    high = dataclasses.replace(
+        low, **{f: getattr(low, f).float() for f in ("projected", "features", "cls_attention", "keys")}
+    )
+    reduced, reference = get_method(name)(low, 9), get_method(name)(high, 9)
+    assert reduced.tokens.dtype == torch.bfloat16
+    assert torch.equal(reduced.sources, reference.sources)
+    assert torch.equal(reduced.tokens, reference.tokens.bfloat16())

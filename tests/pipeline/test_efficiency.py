@@ -85,11 +85,13 @@ def test_measure_labels_records_by_config_method_name(tiny_model_dir, tmp_path):
     out = tmp_path / "efficiency" / "tiny" / "measured.json"
     fastv_kept = {"method": "fastv", "budget_mode": "kept"}
     cluster_original = {"method": "cluster", "iters": 2, "positions": "original"}
-    methods = {"full": None, "cluster": {"iters": 2}, "tome": {}, "fastv_kept": fastv_kept, "c_orig": cluster_original}
+    methods = {"full": None, "cluster": {"iters": 2}, "tome": {}, "fastv_kept": fastv_kept, "c_orig": cluster_original,
+               "cdpruner": {"relevance": "llm"}}  # fmt: skip
     measure("tiny", model, methods, [16], settings, 1, 0, [], out)
     saved = json.loads(out.read_text())
     assert saved["model"] == "tiny"
-    assert saved["not_measured"] == ["tome"]  # it runs inside the vision tower; vtc.bench starts after it
+    # tome runs inside the vision tower, vtc.bench starts after it; cdpruner needs each question
+    assert saved["not_measured"] == ["tome", "cdpruner"]
     assert [(r["label"], r["method"], r["hparams"], r["budget"]) for r in saved["records"]] == [
         ("full", "full", {}, 576),
         ("cluster", "cluster", {"iters": 2}, 16),

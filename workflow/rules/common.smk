@@ -200,13 +200,17 @@ check_in_llm_plans()
 
 
 def get_reduce_input(wildcards):
-    """The encode cache; for an encoder-level method (ToMe), the dataset and the model it runs on instead."""
+    """The encode cache (and the dataset, for a method that reduces per question); for an encoder-level method (ToMe),
+    the dataset and the model it runs on instead."""
     if method_stage(registered_method(wildcards.method)) == "encoder":
         return {
             "dataset": f"resources/datasets/{wildcards.dataset}.parquet",
             "model": get_model_files(wildcards),
         }
-    return {"encoded": f"results/encode/{wildcards.model}/{wildcards.dataset}"}
+    encoded = {"encoded": f"results/encode/{wildcards.model}/{wildcards.dataset}"}
+    if method_stage(registered_method(wildcards.method)) == "question":  # reduced per question: it reads them
+        return {**encoded, "dataset": f"resources/datasets/{wildcards.dataset}.parquet"}
+    return encoded
 
 
 def by_reduce_stage(tokens, encoder):

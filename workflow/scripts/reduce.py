@@ -8,7 +8,7 @@ import torch
 
 from vtc.methods import import_plugins, method_stage
 from vtc.pipeline.encode import expected_encode_key
-from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder
+from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder, reduce_questions
 
 torch.set_num_threads(snakemake.threads)
 import_plugins(snakemake.params.plugins)
@@ -25,6 +25,16 @@ if method_stage(snakemake.params.method) == "encoder":
         model_cfg=snakemake.params.model,
         batch_size=snakemake.params.settings["batch_size"],
         shard_size=snakemake.params.settings["shard_size"],
+        **common,
+    )
+elif method_stage(snakemake.params.method) == "question":
+    manifest = reduce_questions(
+        encoded=Path(snakemake.input.encoded),
+        expected_key=expected_encode_key(snakemake.params.model),
+        dataset=Path(snakemake.input.dataset),
+        model_cfg=snakemake.params.model,
+        seed=snakemake.params.seed,
+        batch_size=snakemake.params.settings["batch_size"],
         **common,
     )
 else:

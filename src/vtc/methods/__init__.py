@@ -37,6 +37,11 @@ into the image tokens the stage saw, the added hidden states and which of those 
     def method(state: LayerState, keep: int, *, layer: int, **hparams) -> Selection
     def schedule_fn(budget: int, budget_mode: str, num_layers: int, num_patches: int, **hparams) -> list[Stage]
 
+A method that needs the question as well as the image (CDPruner's relevance to the instruction) registers with
+`stage="question"`: the same signature as a "tokens" method, but each row of the batch is one (image, question) pair,
+with the question's text in `VisualTokens.questions` and the model's config entry in `VisualTokens.model`; its reduce
+job writes one reduced sequence per question, keyed by the question's id (`vtc.pipeline.reduce.reduce_questions`).
+
 `method_stage(name)` tells the pipeline which kind a method is: a "tokens" method reduces the encode cache, an
 "encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`), an "llm"
 method keeps every token in `reduce` and prunes inside the language model at answer time.
@@ -67,6 +72,10 @@ class VisualTokens:
     seeds:          [B] int64, one seed per image (derived from the run seed and the image id), so
                     that stochastic methods give the same result whatever the batch composition.
     grid:           (H, W) patch grid.
+    questions:      for a method of stage "question" only: B strings, row b's question (the dataset's `question`
+                    column, without the benchmark's answer-format instruction); None otherwise.
+    model:          for a method of stage "question" only: the `models.<name>` config entry (path, revision) of the
+                    model the tokens come from, for a method that uses its tokenizer or embeddings; None otherwise.
     """
 
     projected: torch.Tensor
@@ -75,6 +84,8 @@ class VisualTokens:
     keys: torch.Tensor
     seeds: torch.Tensor
     grid: tuple[int, int]
+    questions: tuple[str, ...] | None = None
+    model: dict | None = None
 
     @property
     def num_patches(self) -> int:
@@ -124,6 +135,9 @@ class LayerState:
     prompt:          [B, L0, D] the spliced prompt as layer 0 received it, before any pruning.
     prompt_image:    [B, N] positions of its image tokens. Text is never pruned, so the text after the image is the
                      same tokens at the end of `prompt` and of the current sequence (left padding).
+    layer_attention: rows [B, L] bool → [B, L]: as `attention`, but of layer K itself, the first layer that will
+                     process the kept tokens: its input norm, query and key projections applied to `hidden`, with the
+                     rotary embedding of the current positions, before layer K runs (PyramidDrop's ranking).
     """
 
     hidden: torch.Tensor
@@ -136,6 +150,7 @@ class LayerState:
     attention: Callable[[torch.Tensor], torch.Tensor] | None = None
     prompt: torch.Tensor | None = None
     prompt_image: torch.Tensor | None = None
+    layer_attention: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -197,8 +212,9 @@ _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
 _IN_LLM: dict[str, InLLM] = {}
 # "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself;
-# "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices).
-STAGES = ("tokens", "encoder", "llm")
+# "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices);
+# "question": as "tokens", for one (image, question) pair per row (VisualTokens.questions).
+STAGES = ("tokens", "encoder", "llm", "question")
 
 
 def register_method(
@@ -231,7 +247,7 @@ def get_method(name: str) -> Method:
 
 def method_stage(name: str) -> str:
     """ "tokens" for a method of the encode cache, "encoder" for one that runs the vision tower itself, "llm" for one
-    that prunes inside the language model."""
+    that prunes inside the language model, "question" for one of the encode cache that also reads each question."""
     get_method(name)
     return _STAGES[name]
 

@@ -23,8 +23,13 @@ Deliberate differences from the reference:
 - Budget: as every in-LLM method here, the config budget is the layer average of the visual tokens
   (`vtc.cost.kept_for_layer_average`); the reference's scripts give the count after layer K (`max_num_trunction`),
   which `budget_mode: kept` follows.
-- Pivot order: the reference iterates a Python set of pivot positions (hash order); here pivots are visited in
-  sequence order (image pivots, then text pivots), which makes the result deterministic.
+- Pivot order (`pivot_order`): the reference builds a Python set of the pivots' absolute positions (image pivots by
+  descending norm, then text pivots) and visits them in the set's iteration order, which CPython derives from the
+  integer values (hash = value, modulo the table size, insertion order on collisions); the order matters because
+  each pivot takes its quota from the candidates the earlier ones left. `pivot_order: sequence` (the default) visits
+  them in sequence order (image pivots, then text pivots). `pivot_order: reference` visits them in the reference's set
+  order, computed on each row's unpadded positions (counted from its first valid token, as a batch of one without
+  padding has them), so a left-padded batch still equals one row at a time.
 - Keys: those of layer K−1 as its KV cache holds them (after RoPE), heads of the key/value groups concatenated.
 - Ties (equal norms or similarities) go to the lower index (stable sorts).
 - Batches: the reference reads batch row 0 with one image position for the batch; here each row of a left-padded
@@ -36,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import LayerState, register_method
+from vtc.methods import HparamError, LayerState, register_method
 
 
 def _top(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -52,19 +57,25 @@ def dart_select_row(
     keep: int,
     pivot_image: int = 4,
     pivot_text: int = 4,
+    pivot_order: str = "sequence",
+    offset: int = 0,
 ) -> torch.Tensor:
     """DART's selection for one row.
 
     keys: [L, C] keys of layer K−1 (heads concatenated); states: [L, D] layer K−1's output through the final norm;
     image: [N] positions of the image tokens; query: [T] positions of the text tokens after the image; keep: image
-    tokens to keep. Returns [keep] indices into the N image tokens, ascending.
+    tokens to keep; pivot_order: "sequence" or "reference" (`reference_pivot_order`, on positions − `offset`, the
+    row's left padding). Returns [keep] indices into the N image tokens, ascending.
     """
     num_patches = image.shape[0]
     image_pivots = _top(keys[image].abs().sum(-1), min(pivot_image, keep, num_patches))  # indices into N
     if keep <= image_pivots.shape[0]:
         return image_pivots.sort().values
     text_pivots = query[_top(keys[query].abs().sum(-1), min(pivot_text, query.shape[0]))]  # sequence positions
-    pivot_positions = torch.cat([image[image_pivots].sort().values, text_pivots.sort().values])
+    if pivot_order == "reference":
+        pivot_positions = reference_pivot_order(image[image_pivots], text_pivots, offset)
+    else:
+        pivot_positions = torch.cat([image[image_pivots].sort().values, text_pivots.sort().values])
     remaining = keep - image_pivots.shape[0]
     base, extra = divmod(remaining, pivot_positions.shape[0])
     candidate = torch.ones(num_patches, dtype=torch.bool, device=image.device)
@@ -83,22 +94,63 @@ def dart_select_row(
     return torch.cat(chosen).sort().values
 
 
-def dart_select(state: LayerState, keep: int, pivot_image: int = 4, pivot_text: int = 4) -> torch.Tensor:
+def reference_pivot_order(image_pivots: torch.Tensor, text_pivots: torch.Tensor, offset: int) -> torch.Tensor:
+    """The pivots' positions in the order the reference visits them: the iteration order of a Python set built from
+    the unpadded positions (position − offset) of the image pivots, then the text pivots, each by descending norm.
+
+    image_pivots, text_pivots: positions in the padded row, by descending key norm. Returns those positions reordered.
+    """
+    unpadded = [p - offset for p in image_pivots.tolist() + text_pivots.tolist()]
+    # CPython iterates a set of small ints by value modulo its table size: the reference's order, not a sorted one
+    order = list(set(unpadded))
+    return torch.tensor([p + offset for p in order], dtype=image_pivots.dtype, device=image_pivots.device)
+
+
+PIVOT_ORDERS = ("sequence", "reference")
+
+
+def dart_select(
+    state: LayerState, keep: int, pivot_image: int = 4, pivot_text: int = 4, pivot_order: str = "sequence"
+) -> torch.Tensor:
     """`dart_select_row` for every row of a batch: [B, keep] indices into each row's N image tokens."""
+    if pivot_order not in PIVOT_ORDERS:
+        raise HparamError(
+            "pivot_order", f"dart: pivot_order must be one of {', '.join(PIVOT_ORDERS)}, got {pivot_order!r}"
+        )
     batch = state.keys.shape[0]
     keys = state.keys.transpose(1, 2).reshape(batch, state.keys.shape[2], -1)  # [B, L, H_kv·d]
     rows = []
     for row in range(batch):
         after = torch.arange(state.valid.shape[1], device=state.valid.device) > state.image[row].max()
         query = (state.text[row] & after).nonzero().flatten()
+        offset = int(state.valid[row].int().argmax())  # the row's left padding: its first valid position
         rows.append(
-            dart_select_row(keys[row], state.normed[row], state.image[row], query, keep, pivot_image, pivot_text)
+            dart_select_row(
+                keys[row],
+                state.normed[row],
+                state.image[row],
+                query,
+                keep,
+                pivot_image,
+                pivot_text,
+                pivot_order,
+                offset,
+            )
         )
     return torch.stack(rows)
 
 
 @register_method("dart", stage="llm")
-def dart(state: LayerState, keep: int, *, layer: int = 2, pivot_image: int = 4, pivot_text: int = 4) -> torch.Tensor:
+def dart(
+    state: LayerState,
+    keep: int,
+    *,
+    layer: int = 2,
+    pivot_image: int = 4,
+    pivot_text: int = 4,
+    pivot_order: str = "sequence",
+) -> torch.Tensor:
     """DART at layer K = `layer` (default 2), with `pivot_image` image and `pivot_text` text pivots (default 4 and 4,
-    the reference's). Returns [B, keep] indices into each row's N image tokens."""
-    return dart_select(state, keep, pivot_image, pivot_text)
+    the reference's), visited in `pivot_order` ("sequence", the default, or "reference": the reference's set order).
+    Returns [B, keep] indices into each row's N image tokens."""
+    return dart_select(state, keep, pivot_image, pivot_text, pivot_order)

@@ -42,6 +42,9 @@ Deliberate differences from the reference:
   so its count varies.
 - Neighbours: the reference takes 32 of 575; `neighbours` (default 32) is capped at N − 1. Equal similarities
   go to the lower patch index (the reference's `topk` leaves them unspecified).
+- Precision: attention, key similarities and the weighted sums are computed in float32 whatever the input dtype, the
+  quartiles in float64 (the reference: the model's dtype, its percentiles in numpy's float64); the merged tokens are
+  cast back to the input dtype (tested: bfloat16 inputs give the float32 result rounded to bfloat16).
 """
 
 from __future__ import annotations

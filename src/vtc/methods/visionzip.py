@@ -25,6 +25,9 @@ Deliberate differences from the reference:
   so projecting a merged feature is not merging projected tokens).
 - Equal attention goes to the lower patch index (the reference's `topk` leaves it unspecified); equal similarity
   to two seeds goes to the earlier seed, as the reference's argmax does.
+- Precision: scores, key similarities and the merged sums are computed in float32 whatever the input dtype (the
+  reference: the model's, e.g. float16); the merged tokens are cast back to the input dtype and the dominant tokens
+  are the input vectors themselves (tested: bfloat16 inputs give the float32 result rounded to bfloat16).
 """
 
 from __future__ import annotations

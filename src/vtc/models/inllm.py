@@ -237,6 +237,20 @@ def query_attention(
     return (weights * weight[..., None]).sum(dim=1)
 
 
+def upcoming_attention(layer, hidden: torch.Tensor, valid: torch.Tensor, cos_sin, rows: torch.Tensor) -> torch.Tensor:
+    """`query_attention` of the query positions `rows` at decoder layer `layer` before it runs: its input norm, query
+    and key projections applied to its input `hidden` [B, L, D], the keys rotated by `cos_sin` (the positions the layer
+    would give them). [B, L]; the whole sequence's keys are projected, once per call."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    attention = layer.self_attn
+    hidden_in = layer.input_layernorm(hidden)
+    batch, length = hidden.shape[:2]
+    keys = attention.k_proj(hidden_in).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+    keys, _ = apply_rotary_pos_emb(keys, keys, *cos_sin)
+    return query_attention(attention, hidden_in, keys, valid, cos_sin, rows)
+
+
 def last_token_attention(
     attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin
 ) -> torch.Tensor:
@@ -361,6 +375,7 @@ def generate_pruned(
             attention=attend,
             prompt=inputs_embeds,
             prompt_image=prompt_image,
+            layer_attention=partial(upcoming_attention, layers[stage.layer], hidden, valid, rope),
         )
         selection = _selection(plan_.select(state, stage), batch, stage, hidden, image.shape[1], plan_.method)
         kept = selection.kept

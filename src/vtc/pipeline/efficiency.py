@@ -110,7 +110,7 @@ def measure(
 
     Each record's label is the config's method name, and the JSON names the config's model, so the records join
     the evaluate results on (model, method, budget). In-LLM methods are timed with the same hyperparameters
-    (budget_mode, layer, ...) their evaluate runs use; encoder-stage ones are listed under `not_measured`."""
+    (budget_mode, layer, ...) their evaluate runs use; encoder- and question-stage ones are under `not_measured`."""
     from vtc import bench
     from vtc.methods import import_plugins, method_entry, method_stage
 
@@ -118,11 +118,12 @@ def measure(
     import_plugins(plugins)
     # vtc.bench starts from the vision tower's output, so a method that merges inside it (ToMe) cannot be timed there
     entries = {name: method_entry(name, entry) for name, entry in methods.items()}
-    encoder_level = [name for name, (method, _) in entries.items() if method_stage(method) == "encoder"]
-    specs = [(name, method, hparams) for name, (method, hparams) in entries.items() if name not in encoder_level]
+    # and one that reduces per question (CDPruner) needs the questions and its relevance model, which it does not load
+    not_timed = [name for name, (method, _) in entries.items() if method_stage(method) in ("encoder", "question")]
+    specs = [(name, method, hparams) for name, (method, hparams) in entries.items() if name not in not_timed]
     result = bench.benchmark(bench.parse_args(argv), specs)
     result["model"] = model_name
-    result["not_measured"] = encoder_level
+    result["not_measured"] = not_timed
     # bench records its own command line; here the methods come from the config, not from --methods
     result["settings"]["command"] = "snakemake rule measure_cost (vtc.pipeline.efficiency.measure)"
     result["settings"]["bench_args"] = argv

@@ -33,12 +33,15 @@ def _answers(
     pruning decoder loop, and the sources are those of the visual tokens its last layers keep (so `target_recall`
     scores what the method kept, not the N tokens it started from). Otherwise `positions` ("original" or
     "renumbered") places the reduced tokens."""
+    # a store of a method that reduces per question (stage "question") is keyed by question id, others by image id
+    entry = "id" if store.manifest.get("entries") == "question" else "image_id"
     rows_by_image = defaultdict(list)
     for row in rows:
-        rows_by_image[row["image_id"]].append(row)
+        rows_by_image[row[entry]].append(row)
     missing = set(rows_by_image) - set(store.image_ids)
     if missing:
-        raise KeyError(f"{len(missing)} images of the dataset are not in {store.path}, e.g. {sorted(missing)[:3]}")
+        what = "questions" if entry == "id" else "images"
+        raise KeyError(f"{len(missing)} {what} of the dataset are not in {store.path}, e.g. {sorted(missing)[:3]}")
     num_patches = store.manifest["num_patches"]
     for index, (image_ids, tensors) in enumerate(store.shards()):
         if index % num_shards != shard:

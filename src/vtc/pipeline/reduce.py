@@ -1,6 +1,7 @@
 """`reduce`: turn an image's visual tokens into the sequence the LLM will see, for one method and budget.
 
-A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`). An "encoder" method (ToMe) changes
+A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`); a "question" method (CDPruner) too, once
+per question, with the question's text (`reduce_questions`). An "encoder" method (ToMe) changes
 the vision tower itself, so `reduce_in_encoder` loads the model and the dataset's images and runs the method on
 the pixels. An "llm" method (FastV, DART) prunes inside the language model: its reduce is the identity (`full`'s N
 tokens, keyed by the method, budget and hyperparameters) and `generate` prunes. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
@@ -36,6 +37,8 @@ def reduce_dataset(
     stage = method_stage(method)
     if stage == "encoder":
         raise ValueError(f"method {method!r} runs inside the vision encoder: reduce it with reduce_in_encoder")
+    if stage == "question":
+        raise ValueError(f"method {method!r} reduces per question: reduce it with reduce_questions")
     # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated,
     # so its hyperparameters are for `vtc.models.inllm.plan` (kept in the key), not for `full`.
     reducer = get_method("full" if stage == "llm" else method)
@@ -67,6 +70,84 @@ def reduce_dataset(
         writer.add(image_ids, {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
     return writer.close(
         num_images=len(store.image_ids),
+        num_patches=grid[0] * grid[1],
+        num_tokens=sorted(num_tokens),
+        reduce_seconds=seconds,
+    )
+
+
+def reduce_questions(
+    encoded: Path,
+    expected_key: dict | None,
+    dataset: Path,
+    model_cfg: dict,
+    method: str,
+    budget: int,
+    hparams: dict,
+    seed: int,
+    out: Path,
+    batch_size: int = 64,
+    plugins: list[str] = (),
+) -> dict:
+    """`reduce` for a method registered with stage="question" (CDPruner): one reduced sequence per question.
+
+    Each row of a batch is one question of `dataset` with its image's cached encoder outputs, its text
+    (`VisualTokens.questions`, the dataset's `question` column) and the model's config entry (`VisualTokens.model`).
+    The store's entries are keyed by question id (manifest `entries: question`, which `generate` reads), in the
+    encode cache's image order; its key holds the dataset's path besides what `reduce_dataset`'s does.
+    """
+    import_plugins(list(plugins))
+    if method_stage(method) != "question":
+        raise ValueError(f"method {method!r} does not read the questions: reduce it with reduce_dataset")
+    from vtc.benchmarks import read_common_parquet
+
+    reducer = get_method(method)
+    reducer_hparams = split_positions(hparams)[1]
+    rows = read_common_parquet(dataset).select_columns(["id", "image_id", "question"]).to_list()
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+    store = Store.open(encoded, expected_key)
+    missing = set(by_image) - set(store.image_ids)
+    if missing:
+        raise KeyError(f"{len(missing)} images of {dataset} are not in {encoded}, e.g. {sorted(missing)[:3]}")
+    grid = tuple(store.manifest["grid"])
+    key = {
+        "encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed,
+        "dataset": str(dataset),
+    }  # fmt: skip
+    writer = StoreWriter(out, key, entries="question")
+    model = {"path": model_cfg["path"], "revision": model_cfg.get("revision")}
+    seconds = 0.0
+    num_tokens = set()
+    for image_ids, tensors in store.shards():
+        pending = [(row, i) for i, image_id in enumerate(image_ids) for row in by_image.get(image_id, [])]
+        if not pending:
+            continue
+        tokens, sources = [], []
+        for start in range(0, len(pending), batch_size):
+            window = pending[start : start + batch_size]
+            index = torch.tensor([i for _, i in window])
+            batch = VisualTokens(
+                projected=tensors["projected"][index].float(),
+                features=tensors["features"][index].float(),
+                cls_attention=tensors["cls_attention"][index].float(),
+                keys=tensors["keys"][index].float(),
+                seeds=torch.tensor([image_seed(seed, row["image_id"]) for row, _ in window]),
+                grid=grid,
+                questions=tuple(row["question"] for row, _ in window),
+                model=model,
+            )
+            started = time.perf_counter()
+            reduced = reducer(batch, budget, **reducer_hparams)
+            seconds += time.perf_counter() - started
+            tokens.append(reduced.tokens.to(tensors["projected"].dtype))
+            sources.append(pack_bool(reduced.sources))
+            num_tokens.add(reduced.tokens.shape[1])
+        writer.add([row["id"] for row, _ in pending], {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
+    return writer.close(
+        num_images=len(store.image_ids),
+        num_questions=len(rows),
         num_patches=grid[0] * grid[1],
         num_tokens=sorted(num_tokens),
         reduce_seconds=seconds,
