@@ -1,4 +1,4 @@
-"""The GPU evidence in one prepared command: every method's measured cost on the LLaVA-1.5-7B shape, within a time limit.
+"""The GPU evidence in one prepared command: every method's measured cost on the LLaVA-1.5-7B shape, in a time limit.
 
     python -m vtc.gpu_evidence --out docs/gpu/                  # one CUDA device, ~8 min, writes docs/gpu/evidence-*
     python -m vtc.gpu_evidence --device cpu --shape tiny --out /tmp/ev --caption-tokens 8   # what CI runs
@@ -33,9 +33,9 @@ Timing: warm-up runs, `torch.cuda.synchronize` before every clock read, medians 
 --repeats one-word runs and --caption-repeats caption runs, round-robin over the rows so that drifts hit every method
 alike. Measurements run in order of importance (the one-word runs at every batch size and kernel first, then the
 caption runs), and before every run the command checks that the run, estimated from the ones before it, ends
-before --time-limit (counted from the start of the process, model building included); if not, it stops there. The
-JSON and markdown files are rewritten after every run, so whatever stops it (the limit, an error, Ctrl-C) leaves
-what it had measured, marked `complete: false` with the reason.
+before --time-limit (counted from the command's start: torch's import and model building included); if not, it
+stops there. The JSON and markdown files are rewritten after every run, so whatever stops it (the limit, an error,
+Ctrl-C) leaves what it had measured, marked `complete: false` with the reason.
 
 --reduce-only times just the reductions of the pre-LLM methods on synthetic visual tokens of the shape's widths
 (no model: the 7B shape's 576 × 4096 projected tokens on a CPU, for instance), for the cost of `cluster` beside the
@@ -55,10 +55,12 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
-import torch
+STARTED = time.monotonic()  # before torch's import (seconds of it): the time limit counts from the command's start
 
-from vtc import bench, cost
-from vtc.methods import (
+import torch  # noqa: E402
+
+from vtc import bench, cost  # noqa: E402
+from vtc.methods import (  # noqa: E402
     VisualTokens,
     available_methods,
     get_method,
@@ -67,8 +69,8 @@ from vtc.methods import (
     resolved_hparams,
     split_positions,
 )
-from vtc.models import llava
-from vtc.pipeline.encode import image_seed
+from vtc.models import llava  # noqa: E402
+from vtc.pipeline.encode import image_seed  # noqa: E402
 
 SHAPES = ("7b", "tiny")
 KERNELS = ("sdpa", "flash_attention_2", "eager")
@@ -421,8 +423,8 @@ class Evidence:
                     if repeat >= 0:
                         self.add(row, kind, r, peak, new_tokens)
                         self.write()
-                self.say(f"  {kind} {kernel} batch {batch_size}: " + ("warm-up" if repeat < 0 else f"repeat {repeat + 1}/{repeats}")
-                         + f" done; {self.summary_line(kernel, batch_size)}")  # fmt: skip
+                done = "warm-up" if repeat < 0 else f"repeat {repeat + 1}/{repeats}"
+                self.say(f"  {kind} {kernel} batch {batch_size}: {done} done; {self.summary_line(kernel, batch_size)}")
         self.done = True
 
     def first_estimate(self, kind: str, batch_size: int) -> float:
@@ -502,8 +504,8 @@ def synthetic_tokens(shape: str, batch_size: int, seed: int) -> VisualTokens:
     def blobs(width):
         centres = torch.randn(batch_size, 32, width, generator=g)
         which = torch.randint(0, 32, (batch_size, n), generator=g)
-        return centres.gather(1, which[..., None].expand(-1, -1, width)) + 0.5 * torch.randn(batch_size, n, width,
-                                                                                                generator=g)  # fmt: skip
+        noise = torch.randn(batch_size, n, width, generator=g)
+        return centres.gather(1, which[..., None].expand(-1, -1, width)) + 0.5 * noise
 
     return VisualTokens(
         projected=blobs(d),
@@ -788,12 +790,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> dict:
-    start = time.monotonic()
+def main(argv=None, start: float | None = None) -> dict:
+    """`start`: the monotonic clock the time limit counts from (default: now)."""
+    start = time.monotonic() if start is None else start
     args = parse_args(argv)
     deadline = Deadline(args.time_limit, start)
     return reduce_only(args, deadline) if args.reduce_only else run(args, deadline)
 
 
 if __name__ == "__main__":
-    main()
+    main(start=STARTED)
