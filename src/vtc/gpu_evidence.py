@@ -249,7 +249,7 @@ class Evidence:
                 "warmup": args.warmup,
                 "repeats": args.repeats,
                 "caption_repeats": args.caption_repeats,
-                "reduce_device": args.reduce_device,
+                "reduce_device": str(self.device) if args.reduce_device == "model" else args.reduce_device,
                 "seed": args.seed,
                 "device_preset": self.preset.name if self.preset else None,
                 "peak_memory_kind": self.memory.kind if self.memory else None,
@@ -584,6 +584,13 @@ def _cell(value, fmt: str, suffix: str = "") -> str:
     return "–" if value is None else f"{value:{fmt}}{suffix}"
 
 
+def _ms(value: float | None) -> str:
+    """Milliseconds with 3 significant digits, without exponents: 0.0412, 3.58, 61.7, 54 823."""
+    if value is None:
+        return "–"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}".replace(",", " ")
+
+
 def markdown(result: dict) -> str:
     m, s = result["machine"], result["settings"]
     where = m.get("gpu") or f"{m.get('cpu_model')}, {m.get('torch_threads')} torch threads"
@@ -602,7 +609,7 @@ def markdown(result: dict) -> str:
         f"after {s['warmup']} warm-up and {s['caption_repeats']} caption run(s); reductions on "
         f"{s['reduce_device']}; peak memory: {s['peak_memory_kind']}",
         f"- encode (vision tower + projector, in no row's e2e) ms by batch size: "
-        + ", ".join(f"{b}: {e['median']:.3g}" for b, e in s["encode_ms"].items() if e["median"] is not None),
+        + ", ".join(f"{b}: {_ms(e['median'])}" for b, e in s["encode_ms"].items() if e["median"] is not None),
         "- predicted: prefill speed-up from `vtc.cost`'s prefill FLOPs ratio; roofline: its time ratio on "
         f"{s['device_preset'] or 'no preset (none matches this device)'}",
         f"- command: `{result['command']}`",
@@ -632,18 +639,18 @@ def markdown(result: dict) -> str:
             fraction = r["reduce_fraction_of_full_prefill"]
             if r["stage"] == "llm":  # the selection is part of prefill
                 reduce, fraction = r["selection_ms"]["median"], r["selection_fraction_of_full_prefill"]
-                reduce_cells = [f"({_cell(reduce, '.3g')})", f"({_cell(fraction and 100 * fraction, '.1f', '%')})"]
+                reduce_cells = [f"({_ms(reduce)})", f"({_cell(fraction and 100 * fraction, '.1f', '%')})"]
             else:
-                reduce_cells = [_cell(reduce, ".3g"), _cell(fraction and 100 * fraction, ".1f", "%")]
+                reduce_cells = [_ms(reduce), _cell(fraction and 100 * fraction, ".1f", "%")]
             peaks = [x for x in (r["peak_memory_one_word_mb"]["max"], r["peak_memory_caption_mb"]["max"]) if x]
             roofline = p.get("prefill_speedup") if p.get("speedup_basis", "").startswith("roofline") else None
             lines.append(
                 "| " + " | ".join([
                     r["label"], str(r["budget"]), str(r["visual_tokens"]), *reduce_cells,
-                    _cell(r["prefill_ms"]["median"], ".4g"), _cell(r["prefill_speedup_vs_full"], ".2f", "×"),
+                    _ms(r["prefill_ms"]["median"]), _cell(r["prefill_speedup_vs_full"], ".2f", "×"),
                     _cell(p.get("prefill_flops_speedup"), ".2f", "×"), _cell(roofline, ".2f", "×"),
-                    _cell(r["decode_ms_per_step"]["median"], ".3g"), _cell(r["e2e_one_word_ms"]["median"], ".4g"),
-                    _cell(r["e2e_caption_ms"]["median"], ".5g"), _cell(max(peaks) if peaks else None, ".0f"),
+                    _ms(r["decode_ms_per_step"]["median"]), _ms(r["e2e_one_word_ms"]["median"]),
+                    _ms(r["e2e_caption_ms"]["median"]), _cell(max(peaks) if peaks else None, ".0f"),
                 ]) + " |"
             )  # fmt: skip
     if result["skipped"]:
@@ -674,7 +681,7 @@ def reduce_table(result: dict) -> str:
             if r["batch_size"] == batch_size:
                 by_label.setdefault(r["label"], {})[r["budget"]] = r["reduce_ms"]["median"]
         for label, times in by_label.items():
-            lines.append(f"| {label} | " + " | ".join(_cell(times.get(b), ".3g") for b in budgets) + " |")
+            lines.append(f"| {label} | " + " | ".join(_ms(times.get(b)) for b in budgets) + " |")
         lines.append("")
     return "\n".join(lines)
 
