@@ -293,3 +293,15 @@ def test_same_clusters_as_the_frozen_reference_at_the_7b_width(make_tokens):
         ours = cluster(tokens, budget)
         reference = clusters_in_spatial_order(tokens, reference_assignment(tokens, budget), budget, "mean")
         assert torch.equal(ours.sources, reference.sources) and torch.equal(ours.tokens, reference.tokens)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("num_patches", "k"), [(24, 5), (25, 25), (26, 3), (30, 7), (48, 30), (576, 64)])
+def test_lloyd_distances_are_cdists_bit_for_bit(kind, num_patches, k):
+    from vtc.methods.cluster import _Distances
+
+    points = generated_points(kind, 3, num_patches, 16, seed=num_patches)
+    distances = _Distances(points)
+    for seed in range(3):
+        centroids = generated_points(kind, 3, k, 16, seed=1000 + seed)
+        assert torch.equal(distances(centroids), torch.cdist(points, centroids))
