@@ -484,7 +484,9 @@ def run(args, deadline: Deadline | None = None) -> dict:
         evidence.say(evidence.stopped + "\n" + traceback.format_exc())
         evidence.write()
         raise
-    return evidence.write()
+    result = evidence.write()
+    print(f"wrote {os.path.join(args.out, f'evidence-{evidence.device.type}-{args.shape}')}.json and .md", flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
