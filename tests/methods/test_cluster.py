@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from vtc.methods import get_method
+from vtc.methods.cluster import clusters_in_spatial_order
 
 cluster = get_method("cluster")
 VARIANTS = [
@@ -97,6 +98,7 @@ def test_batch_gives_each_image_its_own_clusters(make_tokens, one_image, hparams
 def test_kmeans_plus_plus_follows_the_seed_and_grid_init_ignores_it(make_tokens):
     def run(seed, init):
         return cluster(make_tokens(1, (6, 6), 4, seeds=[seed]), 6, init=init, iters=2).sources
+
     assert torch.equal(run(1, "kmeans++"), run(1, "kmeans++"))
     assert any(not torch.equal(run(1, "kmeans++"), run(seed, "kmeans++")) for seed in range(2, 6))
     assert torch.equal(run(1, "grid"), run(2, "grid"))
@@ -134,7 +136,12 @@ def test_equal_mean_positions_go_by_first_member(make_tokens):
 
 @pytest.mark.parametrize(
     ("hparams", "message"),
-    [({"space": "keys"}, "space"), ({"init": "random"}, "init"), ({"distance": "l1"}, "distance"), ({"iters": 0}, "iters")],
+    [
+        ({"space": "keys"}, "space"),
+        ({"init": "random"}, "init"),
+        ({"distance": "l1"}, "distance"),
+        ({"iters": 0}, "iters"),
+    ],
 )
 def test_bad_hyperparameters_are_rejected(make_tokens, hparams, message):
     with pytest.raises(ValueError, match=message):
@@ -166,3 +173,135 @@ def test_attention_weighted_falls_back_to_the_mean_without_attention(make_tokens
 def test_unknown_aggregate_is_rejected(make_tokens):
     with pytest.raises(ValueError, match="aggregate"):
         cluster(make_tokens(1, (2, 2)), 2, aggregate="size_weighted")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The implementation before issue 19, frozen: k-means++ drew its seeds with one matrix-vector product over all [B, N, C]
+# points per step. The current one takes every distance from one Gram matrix; only the rounding of the dot products
+# differs, so it must give the same clusters and the same tokens, bit for bit, wherever no draw falls within that
+# rounding of a boundary (about 1e-6 per step).
+
+
+def reference_assignment(tokens, budget, *, space="projected", iters=3, init="kmeans++", distance="l2"):
+    """[B, N] cluster ids, as `cluster` computed them before the Gram-matrix seeding."""
+    from vtc.methods.cluster import _cluster_means, _fill_empty
+    from vtc.methods.grid import grid_indices
+
+    points = (tokens.projected if space == "projected" else tokens.features).float()
+    if distance == "cosine":
+        points = torch.nn.functional.normalize(points, dim=-1)
+    if init == "grid":
+        centroids = points[:, grid_indices(budget, tokens.grid)]
+    else:
+        centroids = reference_kmeans_plus_plus(points, budget, tokens.seeds)
+    assignment = None
+    for _ in range(iters):
+        distances = torch.cdist(points, centroids)
+        new = _fill_empty(distances.argmin(dim=-1), distances, budget)
+        if assignment is not None and torch.equal(new, assignment):
+            break
+        assignment = new
+        centroids = _cluster_means(points, assignment, budget)
+        if distance == "cosine":
+            centroids = torch.nn.functional.normalize(centroids, dim=-1)
+    return assignment
+
+
+def reference_kmeans_plus_plus(points, k, seeds):
+    batch_size, num_patches, _ = points.shape
+    batch = torch.arange(batch_size)
+    uniforms = torch.stack(
+        [torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds.tolist()]
+    )
+    first = (uniforms[:, 0] * num_patches).long().clamp(max=num_patches - 1)
+    chosen_indices = [first]
+    chosen = torch.zeros(batch_size, num_patches, dtype=torch.bool)
+    chosen[batch, first] = True
+    squared_norms = points.square().sum(dim=-1)
+
+    def squared_distance_to(index):
+        dots = torch.bmm(points, points[batch, index][:, :, None]).squeeze(-1)
+        return (squared_norms + squared_norms[batch, index][:, None] - 2 * dots).clamp_min(0)
+
+    nearest = squared_distance_to(first)
+    for step in range(1, k):
+        weights = nearest.double().masked_fill(chosen, 0)
+        cumulative = weights.cumsum(dim=-1)
+        target = uniforms[:, step] * cumulative[:, -1]
+        drawn = torch.searchsorted(cumulative, target[:, None], right=True).squeeze(1).clamp(max=num_patches - 1)
+        first_unchosen = (~chosen).int().argmax(dim=-1)
+        drawn = torch.where(weights[batch, drawn] > 0, drawn, first_unchosen)
+        chosen_indices.append(drawn)
+        chosen[batch, drawn] = True
+        nearest = torch.minimum(nearest, squared_distance_to(drawn))
+    return points[batch[:, None], torch.stack(chosen_indices, dim=1)]
+
+
+def generated_points(kind, batch_size, num_patches, dim, seed):
+    """Inputs of different structure: Gaussian, tight blobs, low rank, many exact duplicates, small integers (exact
+    distance ties), large norms (cancellation in |x|² + |c|² − 2 x·c, its rounding still far below the distances:
+    with norms ~1000 times the distances the rounding is as large as the distances, and both implementations draw
+    from rounding noise, each its own)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "gaussian":
+        return torch.randn(batch_size, num_patches, dim, generator=g)
+    if kind == "blobs":
+        centres = 5 * torch.randn(batch_size, 7, dim, generator=g)
+        which = torch.randint(0, 7, (batch_size, num_patches), generator=g)
+        blobs = centres.gather(1, which[..., None].expand(-1, -1, dim))
+        return blobs + 0.1 * torch.randn(batch_size, num_patches, dim, generator=g)
+    if kind == "low_rank":
+        return torch.randn(batch_size, num_patches, 2, generator=g) @ torch.randn(batch_size, 2, dim, generator=g)
+    if kind == "duplicates":
+        distinct = torch.randn(batch_size, 5, dim, generator=g)
+        return distinct.gather(1, torch.randint(0, 5, (batch_size, num_patches, 1), generator=g).expand(-1, -1, dim))
+    if kind == "integers":
+        return torch.randint(-2, 3, (batch_size, num_patches, dim), generator=g).float()
+    if kind == "large_norms":
+        return 30 + torch.randn(batch_size, num_patches, dim, generator=g)
+    raise ValueError(kind)
+
+
+KINDS = ("gaussian", "blobs", "low_rank", "duplicates", "integers", "large_norms")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_clusters_and_tokens_as_the_frozen_reference(make_tokens, kind):
+    """8 variants × 2 aggregates × 4 shapes × up to 6 budgets: up to 384 clusterings of 2 images per kind."""
+    shapes = [((4, 6), 5), ((5, 6), 16), ((6, 8), 3), ((3, 3), 40)]
+    for s, (grid, dim) in enumerate(shapes):
+        n = grid[0] * grid[1]
+        tokens = make_tokens(
+            2, grid, dim, projected=generated_points(kind, 2, n, dim, seed=s), seeds=[7 * s, 7 * s + 1]
+        )
+        tokens = dataclasses.replace(tokens, features=generated_points(kind, 2, n, 6, seed=100 + s))
+        for budget in sorted({1, 2, n // 4, n // 2, n - 1, n}):
+            for hparams in VARIANTS:
+                expected = reference_assignment(tokens, budget, **hparams)
+                for aggregate in ("mean", "attention_weighted"):
+                    ours = cluster(tokens, budget, aggregate=aggregate, **hparams)
+                    reference = clusters_in_spatial_order(tokens, expected, budget, aggregate)
+                    assert torch.equal(ours.sources, reference.sources), (grid, budget, hparams)
+                    assert torch.equal(ours.tokens, reference.tokens), (grid, budget, hparams)
+
+
+def test_same_clusters_as_the_frozen_reference_at_the_7b_width(make_tokens):
+    """576 projected tokens of width 4096 (LLaVA-1.5-7B), the width the Gram matrix saves most at."""
+    projected = generated_points("blobs", 2, 576, 4096, seed=0) + generated_points("gaussian", 2, 576, 4096, seed=1)
+    tokens = make_tokens(projected=projected, grid=(24, 24), seeds=[11, 12])
+    for budget in (192, 64):
+        ours = cluster(tokens, budget)
+        reference = clusters_in_spatial_order(tokens, reference_assignment(tokens, budget), budget, "mean")
+        assert torch.equal(ours.sources, reference.sources) and torch.equal(ours.tokens, reference.tokens)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("num_patches", "k"), [(24, 5), (25, 25), (26, 3), (30, 7), (48, 30), (576, 64)])
+def test_lloyd_distances_are_cdists_bit_for_bit(kind, num_patches, k):
+    from vtc.methods.cluster import _Distances
+
+    points = generated_points(kind, 3, num_patches, 16, seed=num_patches)
+    distances = _Distances(points)
+    for seed in range(3):
+        centroids = generated_points(kind, 3, k, 16, seed=1000 + seed)
+        assert torch.equal(distances(centroids), torch.cdist(points, centroids))

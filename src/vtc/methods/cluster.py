@@ -82,8 +82,9 @@ def cluster(
         centroids = _kmeans_plus_plus(points, budget, tokens.seeds)
 
     assignment = None
+    distances_to = _Distances(points)
     for _ in range(iters):
-        distances = torch.cdist(points, centroids)
+        distances = distances_to(centroids)
         new = _fill_empty(distances.argmin(dim=-1), distances, budget)
         if assignment is not None and torch.equal(new, assignment):
             break
@@ -115,44 +116,71 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor) -> torc
 
     Each image's random draws come from its own generator, drawn up front, so that the seeding loop over k can
     run on the whole batch while staying independent of the batch's composition.
+
+    Every squared distance the loop needs comes from one Gram matrix per image, [B, N, N], computed once (one
+    batched matrix product instead of k matrix-vector products over all [B, N, C] points), so each of the k
+    sequential steps only touches [B, N] numbers: eleven small kernels (the earlier loop launched ~20 and read all
+    points). The draws are the earlier implementation's (a matrix-vector product per step) up to the rounding of
+    the dot products, which can move a draw only where its uniform falls within that rounding of a boundary of the
+    cumulative weights: tests/methods/test_cluster.py finds the same clusters and tokens, bit for bit, on thousands
+    of generated images, as long as the rounding stays far below the distances themselves.
     """
     batch_size, num_patches, _ = points.shape
-    batch = torch.arange(batch_size, device=points.device)
     uniforms = torch.stack(
         [torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds.tolist()]
     ).to(points.device)
 
-    first = (uniforms[:, 0] * num_patches).long().clamp(max=num_patches - 1)
-    chosen_indices = [first]
-    chosen = torch.zeros(batch_size, num_patches, dtype=torch.bool, device=points.device)
-    chosen[batch, first] = True
     squared_norms = points.square().sum(dim=-1)
-    nearest = _squared_distance_to(points, squared_norms, first)
+    # |x|² + |c|² − 2 x·c, clamped at 0, row c = squared distances to point c; [B, N, N].
+    squared = (squared_norms[:, None, :] + squared_norms[:, :, None] - 2 * torch.bmm(points, points.mT)).clamp_min(0)
+    # Chosen points get weight 0 exactly, so that rounding cannot pick one twice: a point's distance to itself is 0,
+    # and the running minimum with distances ≥ 0 keeps it there.
+    squared.diagonal(dim1=1, dim2=2).zero_()
+
+    first = (uniforms[:, :1] * num_patches).long().clamp(max=num_patches - 1)  # [B, 1]
+    drawn_all = [first]
+    nearest = _row(squared, first)
+    chosen = torch.zeros(batch_size, num_patches, dtype=torch.uint8, device=points.device).scatter(1, first, 1)
     for step in range(1, k):
-        # Inverse-CDF sampling with probability ∝ squared distance to the nearest chosen centroid. Chosen points
-        # get weight 0 explicitly, so that rounding cannot pick one twice.
-        weights = nearest.double().masked_fill(chosen, 0)
-        cumulative = weights.cumsum(dim=-1)
-        target = uniforms[:, step] * cumulative[:, -1]
-        drawn = torch.searchsorted(cumulative, target[:, None], right=True).squeeze(1).clamp(max=num_patches - 1)
+        # Inverse-CDF sampling with probability ∝ squared distance to the nearest chosen centroid.
+        cumulative = nearest.cumsum(dim=-1, dtype=torch.float64)
+        target = uniforms[:, step : step + 1] * cumulative[:, -1:]
+        drawn = torch.searchsorted(cumulative, target, right=True).clamp_(max=num_patches - 1)
         # All weights 0 (the rest duplicates chosen points) or rounding past the end: take the first unchosen
         # point, so the k centroids are k distinct points and k = N gives every point its own cluster.
-        first_unchosen = (~chosen).int().argmax(dim=-1)
-        drawn = torch.where(weights[batch, drawn] > 0, drawn, first_unchosen)
-        chosen_indices.append(drawn)
-        chosen[batch, drawn] = True
-        nearest = torch.minimum(nearest, _squared_distance_to(points, squared_norms, drawn))
-    return points[batch[:, None], torch.stack(chosen_indices, dim=1)]
+        drawn = torch.where(nearest.gather(1, drawn) > 0, drawn, chosen.argmin(dim=-1, keepdim=True))
+        drawn_all.append(drawn)
+        chosen.scatter_(1, drawn, 1)
+        nearest = torch.minimum(nearest, _row(squared, drawn))
+    index = torch.cat(drawn_all, dim=1)  # [B, k]
+    return points.gather(1, index[..., None].expand(-1, -1, points.shape[-1]))
 
 
-def _squared_distance_to(points: torch.Tensor, squared_norms: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """[B, N] squared distances from every point to point index[b] of its own image.
+def _row(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row index[b, 0] of each image's [N, N] matrix: [B, N, N], [B, 1] → [B, N]."""
+    return matrix.gather(1, index[..., None].expand(-1, -1, matrix.shape[-1])).squeeze(1)
 
-    |x|² + |c|² − 2 x·c with the norms computed once: `cdist` would copy all points on each of the k calls.
+
+class _Distances:
+    """`torch.cdist(points, centroids)`, bit for bit, with the points' half of its work done once for all iterations.
+
+    For more than 25 rows on either side cdist computes sqrt(max(0, [−2x, |x|², 1] · [c, 1, |c|²])) with one matrix
+    product (torch's `_euclidean_dist`); the augmented points [B, N, C + 2] do not change between Lloyd iterations,
+    so building them once saves a pass of squares and a copy of all points per iteration. Smaller inputs take cdist's
+    direct kernel, as before. tests/methods/test_cluster.py checks equality with cdist.
     """
-    batch = torch.arange(points.shape[0], device=points.device)
-    dots = torch.bmm(points, points[batch, index][:, :, None]).squeeze(-1)
-    return (squared_norms + squared_norms[batch, index][:, None] - 2 * dots).clamp_min(0)
+
+    def __init__(self, points: torch.Tensor):
+        self.points = points
+        norms = points.pow(2).sum(-1, True)
+        self.augmented = torch.cat([points.mul(-2), norms, torch.ones_like(norms)], -1)
+
+    def __call__(self, centroids: torch.Tensor) -> torch.Tensor:
+        if self.points.shape[1] <= 25 and centroids.shape[1] <= 25:
+            return torch.cdist(self.points, centroids)
+        norms = centroids.pow(2).sum(-1, True)
+        augmented = torch.cat([centroids, torch.ones_like(norms), norms], -1)
+        return self.augmented.matmul(augmented.mT).clamp_min(0).sqrt()
 
 
 def _fill_empty(assignment: torch.Tensor, distances: torch.Tensor, k: int) -> torch.Tensor:
