@@ -62,6 +62,9 @@ def test_every_method_and_budget_is_measured_or_says_why_not(evidence):
         if (r["method"], r["budget"]) == ("tome", 64):  # 3 merging layers halve 576 to 72 at the fewest
             assert "ToMe cannot reach budget = 64" in r["skipped"] and r["prefill_ms"]["n"] == 0
             continue
+        if r["stage"] == "question":  # CDPruner: a relevance model per question, which vtc.bench does not time
+            assert "reduces per question" in r["skipped"] and r["prefill_ms"]["n"] == 0
+            continue
         assert r["skipped"] is None, r["label"]
         for figure in MEASURED + PEAKS:
             assert r[figure]["median"] > 0, (r["label"], figure)

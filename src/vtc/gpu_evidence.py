@@ -77,11 +77,12 @@ KERNELS = ("sdpa", "flash_attention_2", "eager")
 ONE_WORD_TOKENS = 2  # the answer's one token (from prefill) and the end-of-sequence token (one decode step)
 SCHEMA = "vtc.gpu_evidence/1"
 # The tiny shape's 4 decoder layers cannot reach the study budgets as layer averages with pruning from layer 2 on, nor
-# hold SparseVLM's stages at layers 3, 7, 16: its settings in configs/shapes-zoo.yaml.
+# hold SparseVLM's or PyramidDrop's stages on 32 layers: their settings in configs/shapes-zoo.yaml.
 TINY_HPARAMS = {
     "fastv": {"budget_mode": "kept"},
     "dart": {"budget_mode": "kept"},
     "sparsevlm": {"layers": [1, 2, 3], "keep": "fit", "budget_mode": "kept"},
+    "pyramiddrop": {"layers": [1, 2, 3], "budget_mode": "kept"},
 }
 ATTENTION = {
     "tokens": "CLS attention, where used, recomputed from the vision feature layer's q, k (vtc.models.llava.encode): "
@@ -90,6 +91,8 @@ ATTENTION = {
     "model's kernel",
     "llm": "attention rows recomputed from their queries and the cached keys (vtc.models.inllm); the pruning loop "
     "needs 4-D masks: sdpa or eager only",
+    "question": "none: a per-question method (CDPruner) needs a relevance model of its own, which vtc.bench does not "
+    "time; listed as skipped",
 }
 
 
@@ -537,8 +540,8 @@ def reduce_only(args, deadline: Deadline | None = None) -> dict:
     try:
         for batch_size in _ints(args.batch_sizes):
             visual = synthetic_tokens(args.shape, batch_size, args.seed)
-            visual = VisualTokens(**{k: getattr(visual, k).to(device) if k != "seeds" and k != "grid"
-                                     else getattr(visual, k) for k in visual.__dataclass_fields__})  # fmt: skip
+            visual = VisualTokens(**{k: v.to(device) if isinstance(v, torch.Tensor) and k != "seeds" else v
+                                     for k, v in vars(visual).items()})  # fmt: skip
             rows = [(label, name, hp, budget) for label, name, hp in specs for budget in _ints(args.budgets)]
             times: dict[int, list[float]] = {i: [] for i in range(len(rows))}
             longest = 0.0
