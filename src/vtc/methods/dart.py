@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import LayerState, register_method
+from vtc.methods import Hparam, LayerState, register_method
 
 
 def _top(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -97,7 +97,9 @@ def dart_select(state: LayerState, keep: int, pivot_image: int = 4, pivot_text: 
     return torch.stack(rows)
 
 
-@register_method("dart", stage="llm")
+@register_method(
+    "dart", stage="llm", hparams={"layer": Hparam(min=1), "pivot_image": Hparam(min=0), "pivot_text": Hparam(min=0)}
+)
 def dart(state: LayerState, keep: int, *, layer: int = 2, pivot_image: int = 4, pivot_text: int = 4) -> torch.Tensor:
     """DART at layer K = `layer` (default 2), with `pivot_image` image and `pivot_text` text pivots (default 4 and 4,
     the reference's). Returns [B, keep] indices into each row's N image tokens."""
