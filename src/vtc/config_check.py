@@ -235,9 +235,12 @@ def local_splits(root: Path) -> set[str]:
     splits = set()
     for depth in range(4):
         for file in root.glob("/".join(["*"] * depth + ["*.parquet"])):
-            splits.add(file.stem.split("-")[0])
-            if depth:
-                splits.add(file.parent.name)
+            if "-" in file.stem:  # <split>-00000-of-00001.parquet
+                splits.add(file.stem.split("-")[0])
+            else:  # <split>.parquet or <split>/<name>.parquet
+                splits.add(file.stem)
+                if depth:
+                    splits.add(file.parent.name)
     return splits
 
 

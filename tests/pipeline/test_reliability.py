@@ -193,3 +193,188 @@ def test_killed_study_recovers_with_the_readme_commands_to_the_same_results(tmp_
         assert result.returncode == 0, f"seed {seed}, kills after {kills} s ({killed}): {result.stderr[-3000:]}"
     assert results_without_timings(crashed).equals(results_without_timings(reference)), f"seed {seed}, {kills}"
     assert "Nothing to be done" in run_snakemake(crashed, "-n").stdout
+
+
+# --- validation before any job -----------------------------------------------------------------------------------------
+
+TINY = REPO / "models" / "vtc-shapes-tiny"  # a local LLaVA directory: 96 px images, 4 px patches, 576 tokens
+
+
+def valid_config() -> dict:
+    return {
+        "experiment": "fuzz",
+        "models": {"tiny": {"path": str(TINY), "dtype": "float32", "device": "cpu"}},
+        "datasets": {
+            "shapes": {"benchmark": "shapes", "source": "resources/shapes", "split": "test"},
+            "pope": {"benchmark": "pope", "source": str(REPO / "tests/fixtures/pope"), "split": "test"},
+        },
+        "methods": {"full": {}, "cluster": {"iters": 2}, "c2": {"method": "cluster", "init": "grid"}, "fastv": {}},
+        "budgets": [64, 16],
+        "wandb": {"mode": "offline"},
+    }
+
+
+def hparam_mutations(rng):
+    """(entry, hyperparameters, the key a message must name) for a value each registered method's declaration
+    refuses: a wrong type, a value outside its range or choices, an unknown name."""
+    from vtc.methods import _HPARAMS, _keyword_parameters, available_methods, get_method, in_llm, method_stage
+
+    cases = []
+    for method in available_methods():
+        parameters = _keyword_parameters(get_method(method))
+        if method_stage(method) == "llm" and in_llm(method).schedule is not None:
+            parameters |= _keyword_parameters(in_llm(method).schedule)
+        for name, parameter in parameters.items():
+            spec = _HPARAMS[method].get(name)
+            default = parameter.default
+            bad = []
+            if isinstance(default, bool):
+                bad += ["yes", 1]
+            elif isinstance(default, int) or (spec and spec.min is not None):
+                bad += ["three", [1], True] + ([spec.min - rng.randint(1, 5)] if spec and spec.min is not None else [])
+                if isinstance(default, int):
+                    bad.append(rng.uniform(0.1, 0.9) + rng.randint(0, 3))
+            elif isinstance(default, float):
+                bad += ["half", True]
+            if spec and spec.max is not None:
+                bad.append(spec.max + rng.uniform(0.01, 3))
+            if spec and spec.choices:
+                bad.append(rng.choice(spec.choices) + rng.choice(["+", "x", " ", "_typo"]))
+            elif isinstance(default, str):
+                bad.append(rng.randint(0, 9))
+            cases += [(method, {name: value}, name) for value in bad]
+        cases.append((method, {"".join(rng.choices("abcdefgh", k=6)): 1}, None))
+        cases.append((method, {"positions": rng.choice(["gapped", 3, "Original"])}, "positions"))
+    return cases
+
+
+def test_every_declared_hyperparameter_value_is_checked_before_any_job():
+    import random
+
+    from vtc.config_check import ConfigError, check_config
+
+    rng = random.Random(0)
+    cases = hparam_mutations(rng)
+    assert len(cases) > 60
+    for method, hparams, name in cases:
+        config = valid_config()
+        config["methods"][f"m_{method}"] = {"method": method, **hparams}
+        with pytest.raises(ConfigError) as error:
+            check_config(config, base=REPO)
+        key = f"methods.m_{method}.{name or next(iter(hparams))}"
+        assert f"config key '{key}'" in str(error.value), (hparams, str(error.value))
+
+
+def test_the_valid_base_config_passes():
+    from vtc.config_check import check_config
+
+    check_config(valid_config(), base=REPO)
+
+
+def bad_configs(rng, tmp: Path):
+    """(mutate(config), key the message names, a phrase it contains) for config errors other than hyperparameters."""
+    word = "".join(rng.choices("abcdefghij", k=5))
+    syntax = tmp / f"syntax_{word}.py"
+    syntax.write_text("from vtc.methods import register_method\n\ndef broken(:\n    pass\n")
+    raising = tmp / f"raising_{word}.py"
+    raising.write_text("import math\n\nraise ImportError('needs a package that is not installed')\n")
+
+    def setter(path, value):
+        def mutate(config):
+            node = config
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+
+        return mutate
+
+    return [
+        (setter(["models", "tiny", "path"], f"models/{word}"), "models.tiny.path", "does not exist"),
+        (setter(["models", "tiny", "path"], f"./{word}"), "models.tiny.path", "does not exist"),
+        (setter(["models", "tiny", "path"], str(tmp)), "models.tiny.path", "no config.json"),
+        (setter(["models", "tiny", "num_visual_tokens"], rng.choice([1000, 575, 577])), "models.tiny.num_visual_tokens", "gives 576"),
+        (setter(["datasets", "pope", "source"], str(tmp / word)), "datasets.pope.source", "does not exist"),
+        (setter(["datasets", "pope", "split"], rng.choice(["tst", "validation", "Test"])), "datasets.pope.split", "splits found: test"),
+        (setter(["datasets", "shapes", "split"], rng.choice(["dev", "testdev"])), "datasets.shapes.split", "not"),
+        (setter(["datasets", "shapes", "benchmark"], word), "datasets.shapes.benchmark", "unknown benchmark"),
+        (setter(["methods", word], {}), f"methods.{word}", "unknown method"),
+        (setter(["methods", "c2", "method"], "clustr"), "methods.c2.method", "unknown method"),
+        (setter(["budgets"], [64, rng.randint(577, 5000)]), "budgets", "above the 576"),
+        (setter(["budgets"], [rng.randint(-5, 0)]), "budgets.0", "minimum"),
+        (setter(["budgets"], ["64"]), "budgets.0", "not of type"),
+        (setter(["methods", "cluster", "budgets"], [600]), "methods.cluster.budgets", "above the 576"),
+        (setter(["plugins"], [str(syntax)]), "plugins.0", f"{syntax}, line 3"),
+        (setter(["plugins"], [str(raising)]), "plugins.0", f"{raising}, line 3"),
+        (setter(["plugins"], [str(tmp / f"{word}.py")]), "plugins.0", "does not exist"),
+        (setter(["plugins"], [f"vtc_no_such_{word}"]), "plugins.0", "No module named"),
+        (setter(["wandb", "init_timeout"], rng.choice([0, -1, "fast"])), "wandb.init_timeout", ""),
+        (setter(["wandb", "mode"], word), "wandb.mode", "is not one of"),
+        (setter([word], 1), "(top level)", "Additional properties"),
+    ]
+
+
+def test_fuzzed_bad_configs_are_rejected_naming_the_key(tmp_path):
+    import random
+
+    from vtc.config_check import ConfigError, check_config
+
+    for seed in range(4):
+        rng = random.Random(seed)
+        for mutate, key, phrase in bad_configs(rng, tmp_path):
+            config = valid_config()
+            mutate(config)
+            with pytest.raises(ConfigError) as error:
+                check_config(config, base=REPO)
+            message = str(error.value)
+            assert f"config key '{key}'" in message and phrase in message, (key, message)
+
+
+def test_yaml_duplicate_keys_and_syntax_errors_name_file_and_line(tmp_path):
+    import random
+
+    from vtc.config_check import ConfigError, check_files
+
+    text = yaml.safe_dump(valid_config(), sort_keys=False)
+    lines = text.splitlines()
+    rng = random.Random(0)
+    for trial in range(20):
+        # a key repeated at its own indentation right after its block: a duplicate at any depth
+        index = rng.choice([i for i, line in enumerate(lines) if line.rstrip().endswith(":") or ": " in line])
+        line = lines[index]
+        indent = len(line) - len(line.lstrip())
+        end = next((j for j in range(index + 1, len(lines)) if len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+        if lines[index].lstrip().startswith("- "):
+            continue
+        key = line.strip().split(":")[0]
+        path = tmp_path / f"dup{trial}.yaml"
+        path.write_text("\n".join(lines[:end] + [" " * indent + key + ": 1"] + lines[end:]) + "\n")
+        with pytest.raises(ConfigError) as error:
+            check_files([path])
+        assert f"{key}': given twice in {path} (lines {index + 1} and {end + 1})" in str(error.value)
+    for broken, line_number in (("budgets: [64, 16\nseed: 0\n", 2), ("a:\n  b: 1\n c: 2\n", 3), ("a: 1\n\tb: 2\n", 2)):
+        path = tmp_path / "broken.yaml"
+        path.write_text(broken)
+        with pytest.raises(ConfigError) as error:
+            check_files([path])
+        assert f"{path}, line {line_number}" in str(error.value), str(error.value)
+
+
+def test_a_config_error_stops_snakemake_before_any_job_and_keeps_existing_results(tmp_path):
+    """A typo in a hyperparameter value on an existing results tree: Snakemake stops while parsing, naming the key,
+    and every earlier output is still there (it used to delete the outputs of the jobs it would rerun first)."""
+    workdir = small_study(tmp_path, TINY, methods={"full": {}, "cluster": {"init": "kmeans+++"}})
+    existing = [workdir / "results/encode/tiny/shapes/manifest.json", workdir / "resources/datasets/shapes.parquet"]
+    for path in existing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("earlier result")
+    result = run_snakemake(workdir, "--cores", "1")
+    assert result.returncode != 0
+    assert "config key 'methods.cluster.init': method 'cluster': init must be one of kmeans++, grid" in result.stderr
+    assert not (workdir / "logs").exists()
+    assert all(path.read_text() == "earlier result" for path in existing)
+
+    config = (workdir / "config.yaml").read_text().replace("experiment: shapes-demo", "experiment: a\nexperiment: b")
+    (workdir / "dup.yaml").write_text(config)
+    result = run_snakemake(workdir, "-n", "--configfile", str(workdir / "dup.yaml"))
+    output = result.stdout + result.stderr  # a dry run reports on stdout
+    assert result.returncode != 0 and f"config key 'experiment': given twice in {workdir / 'dup.yaml'}" in output
