@@ -378,3 +378,87 @@ def test_a_config_error_stops_snakemake_before_any_job_and_keeps_existing_result
     result = run_snakemake(workdir, "-n", "--configfile", str(workdir / "dup.yaml"))
     output = result.stdout + result.stderr  # a dry run reports on stdout
     assert result.returncode != 0 and f"config key 'experiment': given twice in {workdir / 'dup.yaml'}" in output
+
+
+# --- bad data rows --------------------------------------------------------------------------------------------------
+
+
+def bad_rows_source(tmp: Path) -> tuple[Path, dict]:
+    """A shapes split of 12 questions, 6 of them broken in a different way each; returns (source, {id: reason})."""
+    import io
+
+    from PIL import Image
+
+    from vtc.data.shapes import generate_split
+
+    samples = generate_split(12, seed=0, split="test")
+    big = io.BytesIO()
+    Image.new("1", (12000, 8000)).save(big, format="PNG")  # 96 M pixels, over PIL's 89 M limit; 10 kB of PNG
+    breakages = {
+        "unreadable image": lambda s: s.update(image={"bytes": s["image"]["bytes"][:40], "path": None}),
+        "missing image": lambda s: s.update(image={"bytes": None, "path": str(tmp / "gone.png")}),
+        "oversized image": lambda s: s.update(image={"bytes": big.getvalue(), "path": None}),
+        "empty question": lambda s: s.update(question="  "),
+        "empty answers": lambda s: s.update(answers=[]),
+    }
+    broken = {}
+    for index, (reason, breakage) in enumerate([*breakages.items(), ("empty answers", lambda s: s.update(answers=[""]))]):
+        sample = samples[2 * index]
+        breakage(sample)
+        sample["image_id"] = f"broken-{index}"
+        broken[sample["id"]] = reason
+    source = tmp / "source"
+    source.mkdir()
+    # pyarrow, not datasets: datasets would read a missing image's path while writing
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(samples), source / "test.parquet")
+    return source, broken
+
+
+def test_bad_rows_are_skipped_and_counted_by_default(tmp_path):
+    import json
+
+    from vtc.benchmarks import read_common_parquet
+    from vtc.pipeline.prepare import prepare_dataset, rows_report_path
+
+    source, broken = bad_rows_source(tmp_path)
+    out = tmp_path / "d.parquet"
+    assert prepare_dataset("shapes", str(source), "test", None, None, 0, out, name="mine") == 6
+    ids = set(read_common_parquet(out)["id"])
+    assert len(ids) == 6 and not ids & set(broken)
+    report = json.loads(rows_report_path(out).read_text())
+    assert (report["read"], report["kept"], report["skipped"]) == (12, 6, 6)
+    assert report["skipped_by_reason"] == {
+        "unreadable image": 1, "missing image": 1, "oversized image": 1, "empty question": 1, "empty answers": 2
+    }  # fmt: skip
+    assert {row["id"]: row["reason"].split(":")[0] for row in report["skipped_rows"]} == broken
+
+
+def test_bad_rows_stop_the_job_naming_dataset_row_and_image_when_configured(tmp_path):
+    from vtc.pipeline.prepare import prepare_dataset
+
+    source, broken = bad_rows_source(tmp_path)
+    first = next(iter(broken))
+    with pytest.raises(ValueError, match=f"dataset 'mine': row '{first}' \\(image 'broken-0'\\): unreadable image"):
+        prepare_dataset("shapes", str(source), "test", None, None, 0, tmp_path / "d.parquet", on_bad_rows="stop", name="mine")
+    assert not (tmp_path / "d.parquet").exists()
+
+
+def test_skipped_rows_reach_metrics_and_the_results_table(tmp_path):
+    """aggregate: a `skipped_rows` metric whose n is the rows read, next to metrics whose n is the rows kept."""
+    import json
+
+    from vtc.pipeline.aggregate import tidy
+
+    result = {
+        "model": "m", "dataset": "d", "method": "full", "budget": 576, "n": 6, "num_visual_tokens": [576],
+        "metrics": {"accuracy": 50.0}, "experiment": "e",
+        "dataset_rows": {"read": 12, "kept": 6, "skipped": 6, "skipped_by_reason": {"empty question": 6}},
+    }  # fmt: skip
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(result))
+    table = tidy([path])
+    rows = {r["metric"]: (r["value"], r["n"]) for r in table.iter_rows(named=True)}
+    assert rows["accuracy"] == (50.0, 6) and rows["skipped_rows"] == (6.0, 12)

@@ -17,5 +17,7 @@ rows = prepare_dataset(
     limit=dataset["limit"],
     seed=snakemake.params.seed,
     out=Path(snakemake.output[0]),
+    on_bad_rows=dataset["on_bad_rows"],
+    name=snakemake.wildcards.dataset,
 )
 print(f"wrote {rows} rows to {snakemake.output[0]}", file=sys.stderr)
