@@ -462,3 +462,43 @@ def test_skipped_rows_reach_metrics_and_the_results_table(tmp_path):
     table = tidy([path])
     rows = {r["metric"]: (r["value"], r["n"]) for r in table.iter_rows(named=True)}
     assert rows["accuracy"] == (50.0, 6) and rows["skipped_rows"] == (6.0, 12)
+
+
+# --- damaged cache shards ---------------------------------------------------------------------------------------------
+
+
+def small_store(path: Path):
+    import torch
+
+    from vtc.cache import StoreWriter
+
+    writer = StoreWriter(path, {"k": 1})
+    for shard in range(3):
+        writer.add([f"img{shard}"], {"projected": torch.full((1, 4, 8), float(shard))})
+    return writer.close()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_damaged_shard_is_named_and_never_read(tmp_path, damage, monkeypatch):
+    from vtc.cache import DamagedStore, Store, damaged
+
+    manifest = small_store(tmp_path / "s")
+    assert all({"bytes", "sha256"} <= set(shard) for shard in manifest["shards"])
+    assert damaged(tmp_path / "s") == []
+    shard = tmp_path / "s" / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(data[: len(data) // 2])
+        assert damaged(tmp_path / "s") == [f"{shard} has {len(data) // 2} bytes, the manifest recorded {len(data)}"]
+    elif damage == "flip":
+        shard.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+        assert damaged(tmp_path / "s") == []  # same size: only a reader, which hashes, can tell
+    else:
+        shard.unlink()
+    parsed = []
+    monkeypatch.setattr("vtc.cache.load", lambda data: parsed.append(data) or {})
+    store = Store.open(tmp_path / "s", {"k": 1})
+    with pytest.raises(DamagedStore, match=f"{shard}.*the store is not read"):
+        list(store.shards())
+    assert len(parsed) == 1  # shard 0 only: the damaged one never reached the parser
+    assert any(str(shard) in problem for problem in damaged(tmp_path / "s"))  # the next run recomputes it

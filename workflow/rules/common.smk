@@ -148,6 +148,31 @@ def get_method_hparams(wildcards):
 check_in_llm_plans()
 
 
+def recompute_damaged_stores():
+    """Adds the encode and reduce stores of this study whose shards are missing, truncated or noted damaged by a
+    reader (`vtc.cache.damaged`) to `--forcerun`: they and what depends on them are recomputed before anything reads
+    them, and nothing is deleted while Snakemake only plans (-n)."""
+    from vtc.cache import damaged
+
+    stores = [f"results/encode/{model}/{dataset}" for model in MODELS for dataset in DATASETS]
+    stores += [
+        f"results/reduce/{model}/{dataset}/{method}/{budget}"
+        for model in MODELS
+        for dataset in DATASETS
+        for method in METHODS
+        for budget in budgets_for(method, model)
+    ]
+    found = {store: damaged(store) for store in stores}
+    found = {store: problems for store, problems in found.items() if problems}
+    for store, problems in found.items():
+        print(f"{store} is damaged, recomputing it: {'; '.join(problems)}", file=sys.stderr)
+    if found:
+        workflow.dag_settings.forcerun = frozenset(set(workflow.dag_settings.forcerun) | set(found))
+
+
+recompute_damaged_stores()
+
+
 def get_reduce_input(wildcards):
     """The encode cache; for an encoder-level method (ToMe), the dataset and the model it runs on instead."""
     if method_stage(registered_method(wildcards.method)) == "encoder":
