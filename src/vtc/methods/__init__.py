@@ -364,7 +364,8 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
         raise HparamError(unknown[0], f"method {method!r} has no hyperparameter {unknown[0]!r}; it takes {allowed}")
     specs["positions"] = Hparam(choices=POSITIONS, types=(str,))
     for key, value in hparams.items():
-        _check_value(method, key, value, _declared_types(parameters[key]) if key in parameters else None, specs.get(key))
+        types = _declared_types(parameters[key]) if key in parameters else None
+        _check_value(method, key, value, types, specs.get(key))
     return {**defaults, **hparams}
 
 
@@ -379,7 +380,6 @@ def _keyword_parameters(fn) -> dict[str, inspect.Parameter]:
     """The keyword-only parameters with a default: a method's hyperparameters."""
     parameters = inspect.signature(fn).parameters.values()
     return {p.name: p for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
-
 
 
 def entry_budgets(entry: dict | None, budgets: list[int]) -> list[int]:
