@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -149,9 +150,10 @@ check_in_llm_plans()
 
 
 def recompute_damaged_stores():
-    """Adds the encode and reduce stores of this study whose shards are missing, truncated or noted damaged by a
-    reader (`vtc.cache.damaged`) to `--forcerun`: they and what depends on them are recomputed before anything reads
-    them, and nothing is deleted while Snakemake only plans (-n)."""
+    """Marks the encode and reduce stores of this study whose shards are missing, truncated or noted damaged by a
+    reader (`vtc.cache.damaged`) as older than their inputs, so that they and what depends on them are recomputed
+    before anything reads them (the rerun trigger `mtime`). Only a time stamp changes, so a dry run (-n) shows the
+    plan and deletes nothing."""
     from vtc.cache import damaged
 
     stores = [f"results/encode/{model}/{dataset}" for model in MODELS for dataset in DATASETS]
@@ -162,12 +164,13 @@ def recompute_damaged_stores():
         for method in METHODS
         for budget in budgets_for(method, model)
     ]
-    found = {store: damaged(store) for store in stores}
-    found = {store: problems for store, problems in found.items() if problems}
-    for store, problems in found.items():
-        print(f"{store} is damaged, recomputing it: {'; '.join(problems)}", file=sys.stderr)
-    if found:
-        workflow.dag_settings.forcerun = frozenset(set(workflow.dag_settings.forcerun) | set(found))
+    for store in stores:
+        problems = damaged(store)
+        if problems:
+            print(f"{store} is damaged, recomputing it: {'; '.join(problems)}", file=sys.stderr)
+            # a directory output's time is its .snakemake_timestamp (the directory's own without one)
+            stamp = Path(store) / ".snakemake_timestamp"
+            os.utime(stamp if stamp.exists() else store, (0, 0))
 
 
 recompute_damaged_stores()
