@@ -2,7 +2,8 @@
 
 Mode `auto` (the default) logs online when `WANDB_API_KEY` is set and offline otherwise; `online`,
 `offline` and `disabled` force a mode. An online run that cannot reach the server falls back to
-offline, so a missing network never fails a job; `wandb sync results/wandb/wandb/offline-run-*`
+offline after at most `wandb.init_timeout` seconds (and an offline run that cannot start is skipped), so a
+missing network never fails a job; `wandb sync results/wandb/wandb/offline-run-*`
 uploads offline runs later. Run ids are derived from the experiment and the job, so a rerun of a job
 resumes its run instead of adding a duplicate.
 """
@@ -76,15 +77,29 @@ def wandb_run(settings: dict, *, job_type: str, name: str, config: dict):
         resume="allow",
         dir=str(directory),
         config={**config, **environment()},
-        settings=wandb.Settings(console="off", x_disable_stats=True, init_timeout=60, silent=True),
+        settings=wandb.Settings(
+            console="off", x_disable_stats=True, init_timeout=settings.get("init_timeout", 60), silent=True
+        ),
     )
     mode = resolve_mode(settings.get("mode", "auto"))
-    try:
-        run = wandb.init(mode=mode, **kwargs)
-    except Exception as error:  # noqa: BLE001 - any failure to reach the server must not fail the job
-        if mode != "online":
-            raise
-        log.warning("W&B online init failed (%s); logging offline instead", error)
-        run = wandb.init(mode="offline", **kwargs)
+    fallbacks = {"online": "offline", "offline": "disabled"}
+    while True:
+        try:
+            run = wandb.init(mode=mode, **kwargs)
+            break
+        except Exception as error:  # noqa: BLE001 - W&B must never fail a job
+            if mode not in fallbacks:
+                raise
+            log.warning("W&B %s init failed (%s); logging %s instead", mode, redact(str(error)), fallbacks[mode])
+            # The failed init still holds the run id in W&B's service process ("run ID ... is in use"): stop
+            # the service so that the retry starts a fresh one and can reuse the id.
+            wandb.teardown()
+            mode = fallbacks[mode]
     with run:
         yield run
+
+
+def redact(text: str) -> str:
+    """`text` without the W&B API key, should an error message ever quote it."""
+    key = os.environ.get("WANDB_API_KEY")
+    return text.replace(key, "***") if key else text

@@ -1,19 +1,14 @@
+import os
 import sys
 from pathlib import Path
-
-import jsonschema
-import yaml
-from snakemake.utils import validate
 
 # The workflow always uses this checkout's library, whatever environment a job runs in.
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from vtc.benchmarks import available_benchmarks
+from vtc.config_check import check_config, check_files
 from vtc.methods import (
     HparamError,
-    available_methods,
     entry_budgets,
-    import_plugins,
     method_entry,
     method_stage,
     resolved_hparams,
@@ -21,55 +16,10 @@ from vtc.methods import (
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
-
-def check_schema(config):
-    """Stops on the first config error, naming the key and what is allowed."""
-    schema = yaml.safe_load(SCHEMA.read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if errors:
-        lines = []
-        for error in errors:
-            key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-            lines.append(f"  config key '{key}': {error.message}")
-        raise ValueError("invalid configuration:\n" + "\n".join(lines))
-
-
-def check_names(config):
-    import_plugins(config.get("plugins", []))
-    methods, benchmarks = available_methods(), available_benchmarks()
-    for name, entry in config["methods"].items():
-        method, hparams = method_entry(name, entry)
-        if method not in methods:
-            key = f"methods.{name}.method" if method != name else f"methods.{name}"
-            raise ValueError(f"config key '{key}': unknown method {method!r}; registered: {', '.join(methods)}")
-        try:
-            resolved_hparams(method, hparams)
-        except HparamError as error:
-            raise ValueError(f"config key 'methods.{name}.{error.key}': {error}") from None
-    for name, dataset in config["datasets"].items():
-        if dataset["benchmark"] not in benchmarks:
-            raise ValueError(
-                f"config key 'datasets.{name}.benchmark': unknown benchmark {dataset['benchmark']!r}; "
-                f"registered: {', '.join(benchmarks)}"
-            )
-    budget_keys = {"budgets": config["budgets"]}
-    for name, entry in config["methods"].items():
-        if "budgets" in (entry or {}):
-            budget_keys[f"methods.{name}.budgets"] = entry["budgets"]
-    for name, model in config["models"].items():
-        for key, budgets in budget_keys.items():
-            for budget in budgets:
-                if budget > model["num_visual_tokens"]:
-                    raise ValueError(
-                        f"config key '{key}': {budget} is above the {model['num_visual_tokens']} visual "
-                        f"tokens of model {name!r} (models.{name}.num_visual_tokens)"
-                    )
-
-
-check_schema(config)
-validate(config, schema=SCHEMA)  # fills in the schema's defaults
-check_names(config)
+# Everything knowable about the config, before Snakemake plans a job or deletes an output it would redo: a config
+# error never costs an existing result (see vtc.config_check).
+check_files(workflow.configfiles)
+check_config(config, SCHEMA)
 
 # Per experiment, so that a second study on the same results/ adds its tables instead of replacing them (the
 # per-run results below them are shared: the same model, dataset, method and budget are computed once).
@@ -197,6 +147,33 @@ def get_method_hparams(wildcards):
 
 # here, not with the other checks: it needs `budgets_for` and `registered_method`
 check_in_llm_plans()
+
+
+def recompute_damaged_stores():
+    """Marks the encode and reduce stores of this study whose shards are missing, truncated or noted damaged by a
+    reader (`vtc.cache.damaged`) as older than their inputs, so that they and what depends on them are recomputed
+    before anything reads them (the rerun trigger `mtime`). Only a time stamp changes, so a dry run (-n) shows the
+    plan and deletes nothing."""
+    from vtc.cache import damaged
+
+    stores = [f"results/encode/{model}/{dataset}" for model in MODELS for dataset in DATASETS]
+    stores += [
+        f"results/reduce/{model}/{dataset}/{method}/{budget}"
+        for model in MODELS
+        for dataset in DATASETS
+        for method in METHODS
+        for budget in budgets_for(method, model)
+    ]
+    for store in stores:
+        problems = damaged(store)
+        if problems:
+            print(f"{store} is damaged, recomputing it: {'; '.join(problems)}", file=sys.stderr)
+            # a directory output's time is its .snakemake_timestamp (the directory's own without one)
+            stamp = Path(store) / ".snakemake_timestamp"
+            os.utime(stamp if stamp.exists() else store, (0, 0))
+
+
+recompute_damaged_stores()
 
 
 def get_reduce_input(wildcards):

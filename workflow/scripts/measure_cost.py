@@ -3,7 +3,9 @@ from pathlib import Path
 
 sys.stderr = open(snakemake.log[0], "w")
 sys.stdout = sys.stderr
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+# resolve(): scriptdir is workflow/rules/../scripts, whose parents[1] would be workflow/rules
+sys.path.insert(0, str(Path(snakemake.scriptdir).resolve().parents[1] / "src"))
+print(f"vtc: {__import__('vtc').__file__}", file=sys.stderr)
 
 from vtc.bench import describe, table
 from vtc.pipeline.efficiency import measure

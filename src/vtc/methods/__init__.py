@@ -42,6 +42,14 @@ A method that needs the question as well as the image (CDPruner's relevance to t
 with the question's text in `VisualTokens.questions` and the model's config entry in `VisualTokens.model`; its reduce
 job writes one reduced sequence per question, keyed by the question's id (`vtc.pipeline.reduce.reduce_questions`).
 
+Hyperparameters are declared by the function's keyword defaults (their types: an `int` default takes integers, a
+`float` one numbers, a `str` one strings, a `bool` one booleans, a list or tuple one lists; an annotation such as
+`int | None` widens that), and, for choices and ranges, by `hparams=` on the decorator:
+
+    @register_method("name", hparams={"iters": Hparam(min=1), "init": Hparam(choices=("kmeans++", "grid"))})
+
+so that a config's values are checked before any job runs (`resolved_hparams` raises `HparamError`).
+
 `method_stage(name)` tells the pipeline which kind a method is: a "tokens" method reduces the encode cache, an
 "encoder" method gets its own reduce job that loads the model and the images (`vtc.pipeline.reduce`), an "llm"
 method keeps every token in `reduce` and prunes inside the language model at answer time.
@@ -197,6 +205,67 @@ class HparamError(ValueError):
 
 
 @dataclass(frozen=True)
+class Hparam:
+    """What a hyperparameter accepts beyond the type its default (or annotation) gives: `choices`, a closed range
+    [`min`, `max`] for numbers, or `types` replacing the derived types (e.g. `(str, list)` for "fit" or a list)."""
+
+    choices: tuple | None = None  # checked on a value that is not a list
+    min: float | None = None
+    max: float | None = None
+    types: tuple[type, ...] | None = None
+
+
+_ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "None": type(None), "list": list}
+
+
+def _declared_types(parameter: inspect.Parameter) -> tuple[type, ...] | None:
+    """The YAML types a keyword parameter takes, from a simple annotation (`int | None`) or else its default's type;
+    None: anything (a None default without annotation)."""
+    annotation = parameter.annotation
+    if isinstance(annotation, str):
+        names = [name.strip() for name in annotation.split("|")]
+        if all(name in _ANNOTATION_TYPES for name in names):
+            return tuple(_ANNOTATION_TYPES[name] for name in names)
+    elif annotation in _ANNOTATION_TYPES.values():
+        return (annotation,)
+    default = parameter.default
+    if default is None:
+        return None
+    return (list,) if isinstance(default, (list, tuple)) else (type(default),)
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
+    return " or ".join(names.get(t, "null" if t is type(None) else t.__name__) for t in types)
+
+
+def _check_value(method: str, key: str, value, types: tuple[type, ...] | None, spec: Hparam | None) -> None:
+    types = spec.types if spec is not None and spec.types is not None else types
+    if types is not None:
+        if isinstance(value, bool):  # YAML's true is not the integer 1 here
+            ok = bool in types
+        elif isinstance(value, int):
+            ok = int in types or float in types
+        elif isinstance(value, tuple):
+            ok = list in types
+        else:
+            ok = isinstance(value, types)
+        if not ok:
+            raise HparamError(key, f"method {method!r}: {key} must be {_type_name(types)}, got {value!r}")
+    if spec is None:
+        return
+    if spec.choices is not None and not isinstance(value, list) and value not in spec.choices:
+        allowed = ", ".join(map(str, spec.choices))
+        raise HparamError(key, f"method {method!r}: {key} must be one of {allowed}, got {value!r}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+            bounds = f"at least {spec.min}" if spec.max is None else f"at most {spec.max}"
+            if spec.min is not None and spec.max is not None:
+                bounds = f"between {spec.min} and {spec.max}"
+            raise HparamError(key, f"method {method!r}: {key} must be {bounds}, got {value!r}")
+
+
+@dataclass(frozen=True)
 class InLLM:
     """How the decoder loop runs an in-LLM method: `schedule` (None: one stage at the selection function's `layer`)
     and the position ids its reference gives the tokens after pruning ("original" or "renumbered")."""
@@ -207,10 +276,12 @@ class InLLM:
 
 # How an in-LLM method's budget counts by default: visual tokens averaged over the LLM's layers (`vtc.models.inllm`)
 DEFAULT_BUDGET_MODE = "layer_average"
+BUDGET_MODES = ("layer_average", "kept")
 
 _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
 _IN_LLM: dict[str, InLLM] = {}
+_HPARAMS: dict[str, dict[str, Hparam]] = {}
 # "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself;
 # "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices);
 # "question": as "tokens", for one (image, question) pair per row (VisualTokens.questions).
@@ -218,9 +289,15 @@ STAGES = ("tokens", "encoder", "llm", "question")
 
 
 def register_method(
-    name: str, *, stage: str = "tokens", schedule: Callable[..., list[Stage]] | None = None, positions: str = "original"
+    name: str,
+    *,
+    stage: str = "tokens",
+    schedule: Callable[..., list[Stage]] | None = None,
+    positions: str = "original",
+    hparams: dict[str, Hparam] | None = None,
 ) -> Callable[[Method], Method]:
-    """`schedule` and `positions` describe an in-LLM method (stage "llm"), see `InLLM`."""
+    """`schedule` and `positions` describe an in-LLM method (stage "llm"), see `InLLM`; `hparams` the choices and
+    ranges of its keyword hyperparameters (or of its schedule's), see `Hparam`."""
     if stage not in STAGES:
         raise ValueError(f"stage of method {name!r} must be one of {STAGES}, got {stage!r}")
     if stage != "llm" and (schedule is not None or positions != "original"):
@@ -229,8 +306,13 @@ def register_method(
     def decorator(fn: Method) -> Method:
         if name in _REGISTRY and _REGISTRY[name] is not fn:
             raise ValueError(f"method {name!r} is already registered by {_REGISTRY[name].__module__}")
+        declared = set(_keyword_parameters(fn)) | set(_keyword_parameters(schedule) if schedule else {})
+        undeclared = sorted(set(hparams or {}) - declared)
+        if undeclared:
+            raise ValueError(f"method {name!r}: hparams names {undeclared}, which are not keyword parameters")
         _REGISTRY[name] = fn
         _STAGES[name] = stage
+        _HPARAMS[name] = dict(hparams or {})
         if stage == "llm":
             _IN_LLM[name] = InLLM(schedule, positions)
         return fn
@@ -279,26 +361,28 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
     in-LLM method the schedule's and the pruning loop's hyperparameters count too. Raises `HparamError` naming
     a hyperparameter the method does not take or a `positions` that is not one of `POSITIONS`.
     """
-    defaults = _keyword_defaults(get_method(method))
+    parameters = _keyword_parameters(get_method(method))
+    specs = dict(_HPARAMS[method])
     if method_stage(method) == "llm":
         spec = in_llm(method)
         if spec.schedule is not None:  # the schedule places the stages, not the selection's own `layer`
-            defaults.pop("layer", None)
-            defaults |= _keyword_defaults(spec.schedule)
+            parameters.pop("layer", None)
+            parameters |= _keyword_parameters(spec.schedule)
+        defaults = {name: p.default for name, p in parameters.items()}
         defaults |= {"positions": spec.positions, "budget_mode": DEFAULT_BUDGET_MODE}
+        specs["budget_mode"] = Hparam(choices=BUDGET_MODES, types=(str,))
     else:
+        defaults = {name: p.default for name, p in parameters.items()}
         defaults |= {"positions": PRE_LLM_POSITIONS}
     unknown = sorted(set(hparams) - set(defaults))
     if unknown:
         allowed = ", ".join(sorted(defaults))
         raise HparamError(unknown[0], f"method {method!r} has no hyperparameter {unknown[0]!r}; it takes {allowed}")
-    resolved = {**defaults, **hparams}
-    if resolved["positions"] not in POSITIONS:
-        raise HparamError(
-            "positions",
-            f"method {method!r}: positions must be one of {', '.join(POSITIONS)}, got {resolved['positions']!r}",
-        )
-    return resolved
+    specs["positions"] = Hparam(choices=POSITIONS, types=(str,))
+    for key, value in hparams.items():
+        types = _declared_types(parameters[key]) if key in parameters else None
+        _check_value(method, key, value, types, specs.get(key))
+    return {**defaults, **hparams}
 
 
 def split_positions(hparams: dict) -> tuple[str, dict]:
@@ -308,9 +392,10 @@ def split_positions(hparams: dict) -> tuple[str, dict]:
     return own.pop("positions", PRE_LLM_POSITIONS), own
 
 
-def _keyword_defaults(fn) -> dict:
+def _keyword_parameters(fn) -> dict[str, inspect.Parameter]:
+    """The keyword-only parameters with a default: a method's hyperparameters."""
     parameters = inspect.signature(fn).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    return {p.name: p for p in parameters if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
 
 
 def entry_budgets(entry: dict | None, budgets: list[int]) -> list[int]:

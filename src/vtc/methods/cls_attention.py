@@ -10,13 +10,13 @@ the method decides only the feed order (`order="spatial"` reproduces FasterVLM's
 from __future__ import annotations
 
 
-from vtc.methods import Reduced, VisualTokens, register_method, selection
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method, selection
 from vtc.methods.grid import check_budget
 
 ORDERS = ("spatial", "score")
 
 
-@register_method("cls_attention")
+@register_method("cls_attention", hparams={"order": Hparam(choices=ORDERS)})
 def cls_attention(tokens: VisualTokens, budget: int, *, order: str = "spatial") -> Reduced:
     """The `budget` patches with the highest head-averaged CLS attention ([B, heads, N] → [B, N]).
 

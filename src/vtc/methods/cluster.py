@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import Reduced, VisualTokens, register_method
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method
 from vtc.methods.grid import check_budget, check_grid, grid_indices
 
 SPACES = ("projected", "features")
@@ -31,7 +31,16 @@ DISTANCES = ("l2", "cosine")
 AGGREGATES = ("mean", "attention_weighted")
 
 
-@register_method("cluster")
+@register_method(
+    "cluster",
+    hparams={
+        "space": Hparam(choices=SPACES),
+        "iters": Hparam(min=1),
+        "init": Hparam(choices=INITS),
+        "distance": Hparam(choices=DISTANCES),
+        "aggregate": Hparam(choices=AGGREGATES),
+    },
+)
 def cluster(
     tokens: VisualTokens,
     budget: int,

@@ -28,14 +28,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import Reduced, VisualTokens, register_method
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method
 from vtc.methods.cluster import AGGREGATES, DISTANCES, SPACES, clusters_in_spatial_order
 from vtc.methods.grid import check_budget, check_grid
 
 LINKAGES = ("ward", "average")
 
 
-@register_method("cluster_agglomerative")
+@register_method(
+    "cluster_agglomerative",
+    hparams={
+        "linkage": Hparam(choices=LINKAGES),
+        "distance": Hparam(choices=DISTANCES),
+        "space": Hparam(choices=SPACES),
+        "aggregate": Hparam(choices=AGGREGATES),
+    },
+)
 def cluster_agglomerative(
     tokens: VisualTokens,
     budget: int,

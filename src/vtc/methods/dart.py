@@ -41,7 +41,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import HparamError, LayerState, register_method
+from vtc.methods import Hparam, HparamError, LayerState, register_method
 
 
 def _top(values: torch.Tensor, count: int) -> torch.Tensor:
@@ -140,7 +140,16 @@ def dart_select(
     return torch.stack(rows)
 
 
-@register_method("dart", stage="llm")
+@register_method(
+    "dart",
+    stage="llm",
+    hparams={
+        "layer": Hparam(min=1),
+        "pivot_image": Hparam(min=0),
+        "pivot_text": Hparam(min=0),
+        "pivot_order": Hparam(choices=PIVOT_ORDERS),
+    },
+)
 def dart(
     state: LayerState,
     keep: int,

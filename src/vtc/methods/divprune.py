@@ -23,13 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import Reduced, VisualTokens, register_method, selection
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method, selection
 from vtc.methods.grid import check_budget
 
 ORDERS = ("spatial", "selection")
 
 
-@register_method("divprune")
+@register_method("divprune", hparams={"order": Hparam(choices=ORDERS)})
 def divprune(tokens: VisualTokens, budget: int, *, order: str = "spatial") -> Reduced:
     """`budget` projected tokens chosen by greedy max-min diversity under 1 − cosine, then fed in `order`.
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from vtc.methods import LayerState, register_method
+from vtc.methods import Hparam, LayerState, register_method
 
 
 def fastv_select(last_attention: torch.Tensor, image: torch.Tensor, keep: int) -> torch.Tensor:
@@ -46,7 +46,7 @@ def fastv_select(last_attention: torch.Tensor, image: torch.Tensor, keep: int) -
     return ranked[:, :keep].sort(dim=-1).values
 
 
-@register_method("fastv", stage="llm")
+@register_method("fastv", stage="llm", hparams={"layer": Hparam(min=1)})
 def fastv(state: LayerState, keep: int, *, layer: int = 2) -> torch.Tensor:
     """FastV at layer K = `layer` (default 2, the paper's): the image tokens most attended by the last prompt token at
     layer K−1. Returns [B, keep] indices into each row's N image tokens."""

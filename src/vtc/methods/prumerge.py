@@ -52,14 +52,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import Reduced, VisualTokens, register_method
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method
 from vtc.methods.grid import check_budget
 
 ORDERS = ("score", "spatial")
 FILLS = ("attention", "uniform")
 
 
-@register_method("prumerge")
+@register_method(
+    "prumerge",
+    hparams={"fill": Hparam(choices=FILLS), "neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)},
+)
 def prumerge(
     tokens: VisualTokens,
     budget: int,
@@ -97,7 +100,7 @@ def prumerge(
     return _merge(tokens, scores, keep, min(neighbours, num_patches - 1), summary_token)
 
 
-@register_method("prumerge_plus")
+@register_method("prumerge_plus", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)})
 def prumerge_plus(
     tokens: VisualTokens, budget: int, *, neighbours: int = 32, summary_token: bool = True, order: str = "score"
 ) -> Reduced:

@@ -62,7 +62,7 @@ from __future__ import annotations
 import torch
 
 from vtc import cost
-from vtc.methods import HparamError, LayerState, Selection, Stage, register_method
+from vtc.methods import Hparam, HparamError, LayerState, Selection, Stage, register_method
 
 REFERENCE_LAYERS = (3, 7, 16)  # pruning_loc (2, 6, 15): the first layers that process each stage's tokens
 REFERENCE_KEEP = {192: (300, 200, 110), 128: (303, 110, 36), 64: (66, 30, 17)}  # score.py sparse_token_dict
@@ -247,7 +247,18 @@ def sparsevlm_schedule(
     return stages
 
 
-@register_method("sparsevlm", stage="llm", schedule=sparsevlm_schedule, positions="renumbered")
+@register_method(
+    "sparsevlm",
+    stage="llm",
+    schedule=sparsevlm_schedule,
+    positions="renumbered",
+    hparams={
+        "layers": Hparam(types=(list,)),
+        "keep": Hparam(choices=("reference", "fit"), types=(str, list)),
+        "recycle": Hparam(min=0, max=1),
+        "cluster_size": Hparam(min=1),
+    },
+)
 def sparsevlm(
     state: LayerState, keep: int, *, layer: int, recycle: float = RECYCLE, cluster_size: int = CLUSTER_SIZE
 ) -> Selection:

@@ -35,11 +35,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vtc.methods import Reduced, VisualTokens, register_method
+from vtc.methods import Hparam, Reduced, VisualTokens, register_method
 from vtc.methods.grid import check_budget
 
 
-@register_method("visionzip")
+@register_method("visionzip", hparams={"dominant": Hparam(min=0)})
 def visionzip(tokens: VisualTokens, budget: int, *, dominant: int | None = None) -> Reduced:
     """`dominant` top-attention patches (spatial order), then budget − dominant contextual tokens (seed order).
 

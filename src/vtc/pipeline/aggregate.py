@@ -70,7 +70,8 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
     first), then the predicted and the measured cost. Measured records join the runs of the same model, method
     (the record's label is the config's method name) and budget, under every dataset: the benchmark times one
     fixed prompt, so its figures do not depend on the dataset. `n` is the questions of the run, or for measured
-    rows the timed repeats their medians are over.
+    rows the timed repeats their medians are over; a run whose dataset lost bad rows in `prepare_dataset` also has
+    a `skipped_rows` metric, whose `n` is the rows read.
     """
     records = {
         (model, r["label"], r["budget"]): r for model, result in (measured or {}).items() for r in result["records"]
@@ -80,6 +81,9 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
         result = json.loads(Path(path).read_text())
         values = [(metric, value, result["n"]) for metric, value in result["metrics"].items()]
         values += [(metric, value, result["n"]) for metric, value in predicted_metrics(result).items()]
+        read = result.get("dataset_rows")
+        if read and read["skipped"]:  # out of the rows read: the other metrics' n counts only the rows kept
+            values.append(("skipped_rows", read["skipped"], read["read"]))
         record = records.get((result["model"], result["method"], result["budget"]))
         if record:
             repeats = record["prefill_ms"]["n"]

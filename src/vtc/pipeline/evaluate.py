@@ -22,6 +22,7 @@ from vtc.cache import Store, unpack_bool
 from vtc.methods import import_plugins, method_stage, resolved_hparams
 from vtc.models import inllm, llava
 from vtc.pipeline.efficiency import predicted_cost, text_config
+from vtc.pipeline.prepare import rows_report_path
 from vtc.tracking import wandb_run
 
 
@@ -242,6 +243,9 @@ def evaluate(
     }
     if in_llm:
         result["in_llm"] = in_llm
+    rows_report = rows_report_path(dataset)
+    if rows_report.exists():  # rows prepare_dataset read, kept and skipped (bad images, empty questions or answers)
+        result["dataset_rows"] = json.loads(rows_report.read_text())
     name = "/".join(str(run_info[k]) for k in ("model", "dataset", "method", "budget"))
     config = {
         **run_info,
