@@ -109,3 +109,26 @@ def test_topk_overlap_entropy_and_top_share_on_hand_worked_cases():
     assert saliency.top_share(maps).item() == pytest.approx(98 / 296)
     assert saliency.top_count(576) == 6
     assert saliency.same_image_pairs(["a", "b", "a", "a"]) == [(0, 2), (0, 3), (2, 3)]
+
+
+def test_selection_at_a_layer_equals_fastv_there_and_the_recorded_top_k(models):
+    """saliency_select at prune layer K gives FastV's answers at K (same row of layer K−1, same ranking) and keeps the
+    top-k of the map the saliency pass records for layer K−1."""
+    from vtc.models import inllm
+
+    sdpa, _, processor = models
+    embeds, mask, image_mask, rows = spliced(sdpa, processor, QUESTIONS, seed=1)
+    recorded = saliency.record_batch(sdpa, embeds, mask, image_mask, rows, [0, 1, 2])
+    kept = {}
+    for layer in (1, 2, 3):
+        hparams = {"layer": layer, "budget_mode": "kept"}
+        ours = inllm.generate_pruned(sdpa, embeds, mask, image_mask, inllm.plan("saliency_select", 40, hparams, 4, 576), 3)
+        fastv = inllm.generate_pruned(sdpa, embeds, mask, image_mask, inllm.plan("fastv", 40, hparams, 4, 576), 3)
+        assert torch.equal(ours.ids, fastv.ids) and torch.equal(ours.kept, fastv.kept)
+        expected = saliency.top_indices(recorded["last"][:, layer - 1], 40).sort(dim=-1).values
+        assert torch.equal(ours.kept, expected)
+        kept[layer] = ours.kept
+    question = inllm.generate_pruned(
+        sdpa, embeds, mask, image_mask, inllm.plan("saliency_select", 40, {"layer": 2, "query": "after_image", "budget_mode": "kept"}, 4, 576), 3
+    )
+    assert not torch.equal(question.kept, kept[2])  # another query ranks the tokens differently
