@@ -765,3 +765,157 @@ def _has_pandas() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("pandas") is not None
+
+
+# --- the saliency_oracle rule: selection by recorded saliency, fed from the first layer (two passes) ---
+
+
+def oracle_accuracy(
+    shard_paths,
+    dataset,
+    benchmark_name: str,
+    encoded,
+    model_cfg: dict,
+    prune_layers: list[int],
+    budgets: list[int],
+    batch_size: int,
+    out,
+) -> dict:
+    """Scores of the "oracle" selection on the recorded questions: for prune layer K and budget k, each question's
+    top-k image tokens by the last prompt token's attention at layer K−1 (its recorded map, i.e. the first, full-token
+    pass) are the only visual tokens of a second pass from layer 0, at their original position ids (as FastV keeps
+    them). `full` (all N tokens) on the same questions is the reference. Writes and returns {"n", "full": metrics,
+    "runs": [{"layer", "budget", "metrics"}], "seconds"}; cost: two prefills per question (the first is the
+    saliency pass)."""
+    import json
+    import os
+    import time
+    from pathlib import Path
+
+    from vtc.benchmarks import get_benchmark, read_common_parquet
+    from vtc.cache import Store
+
+    maps, info = load_recordings(shard_paths)
+    missing = sorted({k - 1 for k in prune_layers} - set(info["layers"]))
+    if missing:
+        raise ValueError(f"saliency.oracle_layers need the recorded maps of layers {missing} (saliency.layers)")
+    benchmark = get_benchmark(benchmark_name)
+    model, processor = llava.load_from_config(model_cfg)
+    rows = {row["id"]: row for row in read_common_parquet(dataset).remove_columns("image")}
+    position = {row_id: i for i, row_id in enumerate(info["ids"])}
+    by_image: dict[str, list[str]] = {}
+    for row_id, image_id in zip(info["ids"], info["image_ids"]):
+        by_image.setdefault(image_id, []).append(row_id)
+    settings = [(None, None)] + [(k, b) for k in prune_layers for b in budgets]
+    answers: dict = {setting: [] for setting in settings}
+    started = time.perf_counter()
+    for image_ids, tensors in Store.open(encoded).shards():
+        pending = [(row_id, i) for i, image_id in enumerate(image_ids) for row_id in by_image.get(image_id, [])]
+        for start in range(0, len(pending), batch_size):
+            batch = pending[start : start + batch_size]
+            prompts = [llava.user_turn(processor, benchmark.prompt(rows[row_id])) for row_id, _ in batch]
+            projected = [tensors["projected"][i] for _, i in batch]
+            for layer, budget in settings:
+                if layer is None:
+                    generation = llava.generate_ids(model, processor, prompts, projected, benchmark.max_new_tokens)
+                else:
+                    recorded = maps["last"][[position[row_id] for row_id, _ in batch], info["layers"].index(layer - 1)]
+                    kept = top_indices(recorded, budget).sort(dim=-1).values
+                    visual = [tokens[row_kept] for tokens, row_kept in zip(projected, kept)]
+                    sources = [torch.eye(tokens.shape[0], dtype=torch.bool)[row_kept] for tokens, row_kept in zip(projected, kept)]
+                    generation = llava.generate_ids_original_positions(
+                        model, processor, prompts, visual, sources, benchmark.max_new_tokens
+                    )
+                for (row_id, _), prediction in zip(batch, llava.decode(processor, generation.ids)):
+                    answers[layer, budget].append({**rows[row_id], "prediction": prediction})
+    result = {
+        "n": len(info["ids"]),
+        "full": benchmark.score(answers[None, None]) if info["ids"] else {},
+        "runs": [{"layer": k, "budget": b, "metrics": benchmark.score(answers[k, b]) if info["ids"] else {}}
+                 for k, b in settings[1:]],  # fmt: skip
+        "seconds": time.perf_counter() - started,
+        "passes": "two prefills per question: the saliency pass (all tokens) and the answer pass (the top-k only)",
+    }
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+    return result
+
+
+# --- the saliency_summary rule: every model x dataset of a study in one table, and accuracy vs layer ---
+
+SELECT_METHOD = "saliency_select"
+COMPARED = ("cluster", "random", "cls_attention")
+
+
+def summary(table_paths, oracle_paths, metrics_paths, out_parquet, out_csv, out_markdown, out_plot) -> None:
+    """The study's saliency table (every per model × dataset table stacked) and the accuracy of selection by saliency
+    against the prune layer K, per budget: the in-LLM `saliency_select` entries (metrics.json of evaluate), the
+    two-pass oracle (recorded questions), and the methods of `COMPARED` and `full` as horizontal references."""
+    import json
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import polars as pl
+
+    table = pl.concat([pl.read_parquet(p) for p in table_paths], how="diagonal_relaxed")
+    table.write_parquet(out_parquet)
+    table.write_csv(out_csv)
+    sections = [Path(p).with_suffix(".md").read_text() for p in table_paths]
+    points = []  # (model, dataset, kind, layer, budget, metric, value, n)
+    for path in oracle_paths:
+        model, dataset = Path(path).parts[-3:-1]
+        result = json.loads(Path(path).read_text())
+        for metric, value in result["full"].items():
+            points.append((model, dataset, "full (recorded questions)", None, None, metric, value, result["n"]))
+        for run in result["runs"]:
+            for metric, value in run["metrics"].items():
+                points.append((model, dataset, "oracle (two passes)", run["layer"], run["budget"], metric, value, result["n"]))
+    for path in metrics_paths:
+        result = json.loads(Path(path).read_text())
+        method = result.get("registered_method", result["method"])
+        kind = "in-LLM" if method == SELECT_METHOD else result["method"]
+        layer = result["in_llm"]["prune_layer"] if method == SELECT_METHOD else None
+        for metric, value in result["metrics"].items():
+            points.append((result["model"], result["dataset"], kind, layer, result["budget"], metric, value, result["n"]))
+    accuracy = pl.DataFrame(points, schema=["model", "dataset", "kind", "layer", "budget", "metric", "value", "n"],
+                            orient="row", schema_overrides={"layer": pl.Int64, "budget": pl.Int64})  # fmt: skip
+    groups = accuracy.select("model", "dataset").unique(maintain_order=True).rows() if len(accuracy) else []
+    lines = []
+    figure, axes = plt.subplots(1, max(len(groups), 1), figsize=(6 * max(len(groups), 1), 4.2), squeeze=False)
+    for ax, (model, dataset) in zip(axes[0], groups):
+        part = accuracy.filter((pl.col("model") == model) & (pl.col("dataset") == dataset))
+        metric = part["metric"][0]  # scorers put their headline metric first
+        part = part.filter(pl.col("metric") == metric)
+        lines += [f"## Selection by saliency: {model} / {dataset} ({metric})", "",
+                  "| selection | budget | " + " | ".join(f"K={k}" for k in sorted(set(part["layer"].drop_nulls()))) + " | n |",
+                  "|---|---:|" + "---:|" * (len(set(part["layer"].drop_nulls())) + 1)]  # fmt: skip
+        layers = sorted(set(part["layer"].drop_nulls()))
+        colours = dict(zip(sorted(set(part["budget"].drop_nulls()), reverse=True), ["C0", "C1", "C2", "C3", "C4", "C5"]))
+        for (kind, budget), line in part.filter(pl.col("layer").is_not_null()).group_by(["kind", "budget"], maintain_order=True):
+            line = line.sort("layer")
+            style = "-" if kind == "in-LLM" else ":"
+            ax.plot(line["layer"], line["value"], style, marker="o", color=colours.get(budget), label=f"{kind} k={budget}")
+            values = dict(zip(line["layer"], line["value"]))
+            lines.append(f"| {kind} | {budget} | " + " | ".join(f"{values[k]:.1f}" if k in values else "–" for k in layers) + f" | {line['n'][0]} |")
+        for row in part.filter(pl.col("layer").is_null()).iter_rows(named=True):
+            if row["kind"].startswith("full") or row["budget"] in colours:
+                dash = "--" if row["kind"].startswith("full") else {"cluster": "-.", "random": (0, (1, 3)), "cls_attention": (0, (5, 5))}.get(row["kind"], "-.")
+                ax.axhline(row["value"], color="black" if row["kind"].startswith("full") else colours[row["budget"]],
+                           linestyle=dash, linewidth=0.9, label=row["kind"] + ("" if row["budget"] is None else f" k={row['budget']}"))  # fmt: skip
+                lines.append(f"| {row['kind']} | {row['budget'] or 'all'} | " + " | ".join(f"{row['value']:.1f}" for _ in layers) + f" | {row['n']} |")
+        ax.set(title=f"{dataset} ({model})", xlabel="prune layer K (ranked by attention of layer K−1)", ylabel=metric)
+        ax.set_xticks(layers)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+        lines.append("")
+    if not groups:
+        axes[0, 0].text(0.5, 0.5, "no selection by saliency configured", ha="center")
+    figure.tight_layout()
+    figure.savefig(out_plot, dpi=120)
+    plt.close(figure)
+    Path(out_markdown).write_text("\n".join(sections + lines) + "\n")

@@ -1,80 +1,6 @@
 # The saliency study (docs/saliency.md): text-to-image attention per decoder layer, recorded once per model x
-# dataset of `saliency.datasets` (sharded like generate), then its volatility, grounding and pictures.
-SALIENCY = config["saliency"]
-
-
-def check_saliency():
-    for name in SALIENCY["datasets"]:
-        if name not in config["datasets"]:
-            raise ValueError(
-                f"config key 'saliency.datasets': {name!r} is not a configured dataset; configured: "
-                f"{', '.join(DATASETS)}"
-            )
-    for model_name, model in config["models"].items():
-        num_layers = language_model_layers(model) if SALIENCY["datasets"] else None
-        own = SALIENCY["grounded_layers"].get(model_name, [])
-        for key, layers in {
-            "layers": SALIENCY["layers"] or [],
-            "picture_layers": SALIENCY["picture_layers"] or [],
-            f"grounded_layers.{model_name}": own,
-        }.items():
-            if num_layers and any(layer >= num_layers for layer in layers):
-                raise ValueError(
-                    f"config key 'saliency.{key}': {layers} names a layer past the {num_layers} decoder layers "
-                    f"(0 … {num_layers - 1}) of model {model_name!r}"
-                )
-        if num_layers and any(layer >= num_layers for layer in SALIENCY["oracle_layers"]):
-            raise ValueError(
-                f"config key 'saliency.oracle_layers': prune layers must lie in 1 … {num_layers - 1} for model "
-                f"{model_name!r}, got {SALIENCY['oracle_layers']}"
-            )
-    recorded = set(SALIENCY["layers"] or [])
-    missing = sorted(set(SALIENCY["picture_layers"] or []) - recorded) if recorded else []
-    if missing:
-        raise ValueError(f"config key 'saliency.picture_layers': layers {missing} are not in saliency.layers")
-
-
-check_saliency()
-
-
-def get_saliency_shards(wildcards):
-    return expand(
-        "results/saliency/{model}/{dataset}/shards/{shard}.safetensors",
-        shard=range(get_num_shards(wildcards)),
-        **wildcards,
-    )
-
-
-def picture_budget():
-    return SALIENCY["picture_budget"] or min(config["budgets"])
-
-
-def picture_methods(model):
-    """Config entries whose kept patches the pictures show: methods that reduce before the LLM and run at the
-    pictures' budget (an in-LLM method's selection depends on the question; the saliency maps show it)."""
-    budget = picture_budget()
-    return [
-        name
-        for name in METHODS
-        if registered_method(name) != "full"
-        and method_stage(registered_method(name)) != "llm"
-        and budget in budgets_for(name, model)
-    ]
-
-
-def get_picture_stores(wildcards):
-    return {
-        name: f"results/reduce/{wildcards.model}/{wildcards.dataset}/{name}/{picture_budget()}"
-        for name in picture_methods(wildcards.model)
-    }
-
-
-def get_saliency_outputs():
-    return [
-        f"results/saliency/{model}/{dataset}/saliency.parquet"
-        for model in MODELS
-        for dataset in SALIENCY["datasets"]
-    ]
+# dataset of `saliency.datasets` (sharded like generate), then its volatility, grounding and pictures; helpers in
+# saliency_common.smk.
 
 
 rule saliency_record:
@@ -96,7 +22,7 @@ rule saliency_record:
     params:
         model=get_model_config,
         benchmark=get_benchmark_name,
-        num_shards=get_num_shards,
+        num_shards=get_saliency_num_shards,
         settings=SALIENCY,
         seed=config["seed"],
     script:
@@ -150,3 +76,66 @@ rule saliency_analyze:
         wandb=wandb_settings,
     script:
         "../scripts/saliency_analyze.py"
+
+
+rule saliency_oracle:
+    input:
+        shards=get_saliency_shards,
+        dataset="resources/datasets/{dataset}.parquet",
+        encoded="results/encode/{model}/{dataset}",
+        model=get_model_files,
+    output:
+        "results/saliency/{model}/{dataset}/oracle.json",
+    log:
+        "logs/saliency_oracle/{model}/{dataset}.log",
+    conda:
+        "../../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=16000,
+        runtime=240,
+        gpu=gpus,
+    params:
+        model=get_model_config,
+        benchmark=get_benchmark_name,
+        layers=SALIENCY["oracle_layers"],
+        budgets=SALIENCY["oracle_budgets"] or config["budgets"],
+        batch_size=SALIENCY["batch_size"],
+    script:
+        "../scripts/saliency_oracle.py"
+
+
+localrules:
+    saliency_summary,
+
+
+rule saliency_summary:
+    input:
+        tables=get_saliency_tables(),
+        oracle=get_oracle_files(),
+        metrics=get_selection_metrics(),
+    output:
+        parquet=f"{TABLES}/saliency.parquet",
+        csv=f"{TABLES}/saliency.csv",
+        markdown=report(
+            f"{TABLES}/saliency.md",
+            caption="../report/saliency.rst",
+            category="Saliency",
+            labels={"figure": "saliency tables"},
+        ),
+        plot=report(
+            f"{PLOTS}/saliency_accuracy_vs_layer.png",
+            caption="../report/saliency_accuracy.rst",
+            category="Saliency",
+            labels={"figure": "accuracy vs prune layer"},
+        ),
+    log:
+        f"logs/saliency_summary/{config['experiment']}.log",
+    conda:
+        "../../envs/aggregate.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    script:
+        "../scripts/saliency_summary.py"
