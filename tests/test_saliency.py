@@ -132,3 +132,53 @@ def test_selection_at_a_layer_equals_fastv_there_and_the_recorded_top_k(models):
         sdpa, embeds, mask, image_mask, inllm.plan("saliency_select", 40, {"layer": 2, "query": "after_image", "budget_mode": "kept"}, 4, 576), 3
     )
     assert not torch.equal(question.kept, kept[2])  # another query ranks the tokens differently
+
+
+def test_volatility_and_grounding_rows_on_hand_made_maps():
+    """Two questions about one image, two layers: layer 0 puts everything on the targets, layer 1 ranks in reverse."""
+    n = 10
+    up = torch.arange(1.0, n + 1)  # highest at positions 8, 9
+    maps = {
+        "last": torch.stack([up, up.flip(0)])[None].repeat(2, 1, 1),  # [S=2, Y=2, N]
+        "question": torch.stack([up, up])[None].repeat(2, 1, 1),
+        "cls": up.flip(0)[None].repeat(2, 1),
+    }
+    maps["last"][:, 0] = torch.tensor([0.0] * 8 + [0.5, 0.5])
+    info = {"layers": [0, 1], "image_ids": ["a", "a"]}
+    rows = saliency.volatility_rows(maps, info, [2], grounded=[1])
+    value = {(r["query"], r["layer"], r["versus"], r["metric"], r["k"]): r["value"] for r in rows}
+    assert value["last", 0, "layer 1", "topk_overlap", 2] == 0.0  # {8, 9} vs {0, 1}
+    assert value["question", 0, "layer 1", "spearman", None] == pytest.approx(1.0)
+    assert value["last", 1, "cls", "spearman", None] == pytest.approx(1.0)
+    assert value["last", 0, "", "top1pct_share", None] == pytest.approx(0.5)  # top 1 % of 10 = 1 position
+    assert value["last", 1, "other question", "spearman", None] == pytest.approx(1.0)
+    assert value["random", None, "other question", "topk_overlap", 2] == pytest.approx(0.2)
+    assert {r["grounded"] for r in rows if r["layer"] == 1} == {True}
+    grounding = saliency.grounding_rows(maps, info, [[8, 9], []], [2, 4], grounded=[1])
+    value = {(r["query"], r["layer"], r["metric"], r["k"]): (r["value"], r["n"]) for r in grounding}
+    assert value["last", 0, "target_share", None] == (1.0, 1)  # the sample without targets is skipped
+    assert value["last", 0, "precision", 4] == (0.5, 1) and value["last", 0, "recall", 4] == (1.0, 1)
+    assert value["cls", None, "recall", 2][0] == 0.0
+    assert value["random", None, "precision", 2][0] == pytest.approx(0.2) and value["random", None, "recall", 4][0] == pytest.approx(0.4)
+
+
+def test_a_bad_saliency_setting_stops_before_any_job_and_names_the_key(tmp_path, tiny_model_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    config = yaml.safe_load((repo / "config.yaml").read_text())
+    config["models"] = {"tiny": {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu"}}
+    config["saliency"] = {"datasets": ["shapes"], "oracle_layers": [2, 5]}  # the tiny model has 4 layers
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake = Path(sys.executable).parent / "snakemake"
+    result = subprocess.run(
+        [str(snakemake), "-s", str(repo / "Snakefile"), "-d", str(tmp_path), "-n"],
+        capture_output=True, text=True, env={**os.environ, "WANDB_API_KEY": ""}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "config key 'saliency.oracle_layers': prune layers must lie in 1 … 4" in result.stdout + result.stderr

@@ -753,18 +753,12 @@ def analyze(
                  wandb.Image(str(path), caption=f"{row['id']}: {row['question']}")] for path, row in files]  # fmt: skip
         run.log({
             "saliency/pictures": wandb.Table(columns=columns, data=data),
-            "saliency/table": wandb.Table(dataframe=table.to_pandas()) if _has_pandas() else None,
+            "saliency/table": wandb.Table(columns=table.columns, data=[list(row) for row in table.rows()]),
             "saliency/layer_correlation": wandb.Image(str(out_heatmap), caption=f"{title}: layer × layer Spearman ρ"),
         })  # fmt: skip
         run.summary.update({"recorded": len(info["ids"]), "record_seconds": info["seconds"],
                             "analyze_seconds": time.perf_counter() - started})  # fmt: skip
     return table
-
-
-def _has_pandas() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("pandas") is not None
 
 
 # --- the saliency_oracle rule: selection by recorded saliency, fed from the first layer (two passes) ---
