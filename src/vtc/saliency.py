@@ -644,7 +644,7 @@ def picture(path, view, grid, panels: list[tuple[str, str, object]], targets: li
         axes[index, 0].text(-0.08, 0.5, row, transform=axes[index, 0].transAxes, rotation=90, va="center", ha="right", fontsize=8)
     figure.suptitle(title, fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    figure.savefig(path, dpi=80)
     plt.close(figure)
 
 
