@@ -91,19 +91,27 @@ def get_oracle_files():
 
 
 def get_selection_metrics():
-    """metrics.json of the saliency_select entries and, beside them, of full and the compared methods (cluster,
+    """metrics.json of the saliency_select entries and, at their budgets, of full and the compared methods (cluster,
     random, cls_attention) on the saliency datasets; none without a saliency_select entry."""
     select = [name for name in METHODS if registered_method(name) == "saliency_select"]
-    if not select:
-        return []
     compared = [name for name in METHODS if registered_method(name) in ("full", "cluster", "random", "cls_attention")]
-    return [
-        f"results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json"
-        for model in MODELS
-        for dataset in SALIENCY["datasets"]
-        for method in select + compared
-        for budget in budgets_for(method, model)
-    ]
+    files = []
+    for model in MODELS:
+        budgets = {budget for name in select for budget in budgets_for(name, model)}
+        runs = [(name, budget) for name in select for budget in budgets_for(name, model)]
+        runs += [
+            (name, budget)
+            for name in compared
+            for budget in budgets_for(name, model)
+            if budget in budgets or registered_method(name) == "full"
+        ]
+        files += [
+            f"results/evaluate/{model}/{dataset}/{name}/{budget}/metrics.json"
+            for dataset in SALIENCY["datasets"]
+            for name, budget in runs
+            if select
+        ]
+    return files
 
 
 def get_saliency_outputs():
