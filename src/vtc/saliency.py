@@ -899,7 +899,8 @@ def summary(table_paths, oracle_paths, metrics_paths, out_parquet, out_csv, out_
         for row in part.filter(pl.col("layer").is_null()).iter_rows(named=True):
             if row["kind"].startswith("full") or row["budget"] in colours:
                 dash = "--" if row["kind"].startswith("full") else {"cluster": "-.", "random": (0, (1, 3)), "cls_attention": (0, (5, 5))}.get(row["kind"], "-.")
-                ax.axhline(row["value"], color="black" if row["kind"].startswith("full") else colours[row["budget"]],
+                colour = {"full": "black", "full (recorded questions)": "grey"}.get(row["kind"]) or colours[row["budget"]]
+                ax.axhline(row["value"], color=colour,
                            linestyle=dash, linewidth=0.9, label=row["kind"] + ("" if row["budget"] is None else f" k={row['budget']}"))  # fmt: skip
                 lines.append(f"| {row['kind']} | {row['budget'] or 'all'} | " + " | ".join(f"{row['value']:.1f}" for _ in layers) + f" | {row['n']} |")
         ax.set(title=f"{dataset} ({model})", xlabel="prune layer K (ranked by attention of layer K−1)", ylabel=metric)
