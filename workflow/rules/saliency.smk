@@ -62,7 +62,7 @@ rule saliency_analyze:
     log:
         "logs/saliency_analyze/{model}/{dataset}.log",
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/saliency.yaml"
     threads: 1
     resources:
         mem_mb=8000,
@@ -132,7 +132,7 @@ rule saliency_summary:
     log:
         f"logs/saliency_summary/{config['experiment']}.log",
     conda:
-        "../../envs/aggregate.yaml"
+        "../../envs/saliency.yaml"
     threads: 1
     resources:
         mem_mb=2000,
