@@ -41,6 +41,7 @@ def question_rows(tokenizer, prompts: list[str], texts: list[str], image_mask: t
     rows = torch.zeros(batch, length, dtype=torch.bool)
     counts = image_mask.sum(dim=1).tolist()
     ends = (length - image_mask.flip(1).int().argmax(dim=1)).tolist()  # one past each row's image block
+    image_token_id = getattr(tokenizer, "image_token_id", None) or tokenizer.convert_tokens_to_ids("<image>")
     for row, (prompt, text) in enumerate(zip(prompts, texts)):
         begin = prompt.rfind(text)
         if not text or begin < 0:
@@ -48,7 +49,7 @@ def question_rows(tokenizer, prompts: list[str], texts: list[str], image_mask: t
         end = begin + len(text)
         encoded = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
         ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-        image_at = [i for i, token in enumerate(ids) if token == tokenizer.convert_tokens_to_ids("<image>")]
+        image_at = [i for i, token in enumerate(ids) if token == image_token_id]
         if len(image_at) != 1:
             raise ValueError(f"expected one <image> placeholder in {prompt!r}, found {len(image_at)}")
         # the tokens after the placeholder end where the row ends; those before it end where its image block starts
