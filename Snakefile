@@ -22,6 +22,8 @@ include: "workflow/rules/reduce.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/efficiency.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/saliency_common.smk"
+include: "workflow/rules/saliency.smk"
 
 
 rule all:

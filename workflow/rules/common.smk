@@ -113,6 +113,7 @@ def get_final_outputs():
             f"{PLOTS}/accuracy_vs_tokens.png",
             f"{PLOTS}/pareto.png",
         ]
+        + get_saliency_outputs()  # workflow/rules/saliency.smk
     )
 
 
