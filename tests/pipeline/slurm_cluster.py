@@ -1,8 +1,9 @@
 """A real single-node SLURM cluster (Debian's slurm-wlm and munge, as root) for the SLURM tests.
 
 Everything it writes (munge key and socket, slurm.conf, state, spool, logs, pid files) lives in one temporary
-directory, and clients find it through SLURM_CONF, so it touches no system configuration. `stop()` ends exactly
-the daemons it started, by the pids in their pid files. Usage:
+directory, and clients find it through SLURM_CONF; the one exception is a link /etc/slurm/slurm.conf to it, made
+only where none exists and removed again, because Snakemake's job step drops SLURM_CONF before it calls `srun`
+inside a job. `stop()` ends exactly the daemons it started, by the pids in their pid files. Usage:
 
     with SlurmCluster() as cluster:
         subprocess.run(["sbatch", ...], env=cluster.env)
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 PARTITION = "debug"
+SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 DAEMONS = {"munged": "/usr/sbin/munged", "slurmctld": "/usr/sbin/slurmctld", "slurmd": "/usr/sbin/slurmd"}
 
 
@@ -34,6 +36,8 @@ def missing_requirements() -> str | None:
         pwd.getpwnam("munge")
     except KeyError:
         return "no 'munge' user: apt-get install munge"
+    if SYSTEM_CONF.exists() or SYSTEM_CONF.is_symlink():
+        return f"{SYSTEM_CONF} exists: this machine has its own SLURM configuration, which the test would shadow"
     return None
 
 
@@ -120,6 +124,8 @@ class SlurmCluster:
                 ctld_port=free_port(), slurmd_port=free_port(),
             )
         )  # fmt: skip
+        SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+        SYSTEM_CONF.symlink_to(self.root / "slurm.conf")
         run = dict(env=self.env, check=True, timeout=30, capture_output=True)
         subprocess.run(
             ["runuser", "-u", "munge", "--", DAEMONS["munged"], f"--socket={munge_dir}/munge.socket",
@@ -161,4 +167,6 @@ class SlurmCluster:
                 time.sleep(0.1)
             else:
                 os.kill(pid, signal.SIGKILL)
+        if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.resolve() == (self.root / "slurm.conf").resolve():
+            SYSTEM_CONF.unlink()
         shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,133 @@
+"""The SLURM profile (workflow/profiles/slurm): what its dry runs ask SLURM for, and (slow, marked `slurm`) a small
+study on a real single-node cluster, run as README "Running on a SLURM cluster" says.
+
+The partition of a job is chosen by the SLURM plugin's own partition matcher (the code that picks it at
+submission) from the profile's partitions.yaml and the job's resources as the dry run prints them.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import yaml
+from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+
+REPO = Path(__file__).resolve().parents[2]
+PROFILE = REPO / "workflow" / "profiles" / "slurm"
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": ""}
+MODEL_BOUND = {"encode", "generate", "measure_cost"}  # and reduce for an encoder-level method
+
+
+class Resources(dict):
+    """A job's resources as the plugin reads them (`.get`, and attribute access)."""
+
+    __getattr__ = dict.__getitem__
+
+
+class PlannedJob:
+    def __init__(self, rule: str, wildcards: dict, threads: int, resources: dict):
+        self.name, self.rule, self.wildcards, self.threads = rule, rule, wildcards, threads
+        self.resources = Resources(resources)
+
+
+class QuietLogger:
+    def debug(self, *args): ...
+
+    info = warning = debug
+
+
+def parse_value(text: str):
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def planned_jobs(output: str) -> list[PlannedJob]:
+    """Every job a dry run prints, with its wildcards, threads and resources."""
+    jobs = []
+    for block in re.split(r"\n(?=\s*(?:local)?rule \w+:)", output):
+        head = re.match(r"\s*(?:local)?rule (\w+):", block)
+        if not head:
+            continue
+        fields = dict(re.findall(r"^\s*(wildcards|resources|threads): (.*)$", block, re.M))
+        items = lambda key: [kv.split("=", 1) for kv in fields.get(key, "").split(", ") if "=" in kv]  # noqa: E731
+        resources = {k: parse_value(v) for k, v in items("resources") if v != "<TBD>"}
+        jobs.append(PlannedJob(head[1], dict(items("wildcards")), int(fields.get("threads", 1)), resources))
+    return jobs
+
+
+def dry_run(*args: str, profile: Path = PROFILE, runner: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = runner or [str(SNAKEMAKE)]
+    result = subprocess.run(
+        [*command, "-n", "--workflow-profile", str(profile), "-s", str(REPO / "Snakefile"), *args],
+        cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def is_model_bound(job: PlannedJob, config: dict) -> bool:
+    if job.rule == "reduce":
+        return job.wildcards["method"] == "tome"  # the paper preset's encoder-level method
+    return job.rule in MODEL_BOUND
+
+
+def test_paper_preset_asks_for_gpus_only_for_model_bound_jobs_on_the_gpu_partition():
+    paper = REPO / "configs" / "paper.yaml"
+    config = yaml.safe_load(paper.read_text())
+    result = dry_run("--configfile", str(paper), runner=[sys.executable, str(Path(__file__).parent / "groupres.py")])
+    partitions = read_partition_file(PROFILE / "partitions.yaml")
+    jobs = [job for job in planned_jobs(result.stdout) if job.rule not in ("all", "aggregate")]
+    assert len(jobs) > 2000
+    gpu_jobs = [job for job in jobs if job.resources.get("gpu", 0) > 0]
+    assert {job.rule for job in gpu_jobs} == MODEL_BOUND | {"reduce"}
+    for job in jobs:
+        partition = get_best_partition(partitions, job, QuietLogger())
+        if is_model_bound(job, config):
+            assert job.resources.get("gpu") == config["models"]["llava-1.5-7b"]["gpus"], job.rule
+            assert partition == "gpu", (job.rule, job.wildcards)
+        else:
+            assert job.resources.get("gpu", 0) == 0, (job.rule, job.wildcards)
+            assert partition == "cpu", (job.rule, job.wildcards)
+        assert "slurm_partition" not in job.resources  # else it would override the choice
+
+    # What is submitted: group jobs of several generate jobs still ask for one GPU (they run one after another),
+    # CPU groups for none, and a group's runtime stays within a day.
+    groups = [json.loads(line[len("GROUP ") :]) for line in result.stderr.splitlines() if line.startswith("GROUP ")]
+    by_rule = {name: [g for g in groups if g["group"].startswith(name + "-")] for name in ("reduce", "generate", "evaluate")}
+    assert all(by_rule.values()) and sum(map(len, by_rule.values())) == len(groups)
+    assert {g["gpu"] for g in by_rule["generate"]} == {1}
+    assert max(g["jobs"] for g in by_rule["generate"]) == 6
+    assert all(g.get("gpu", 0) == 0 for g in by_rule["reduce"] + by_rule["evaluate"])
+    assert max(g["runtime"] for g in groups) <= 24 * 60
+
+
+def test_default_study_asks_for_no_gpu_and_fits_a_cpu_only_cluster(tmp_path):
+    result = dry_run()
+    cpu_only = tmp_path / "partitions.yaml"
+    cpu_only.write_text(yaml.safe_dump({"partitions": {"cpu": {}}}))
+    partitions = read_partition_file(cpu_only)
+    jobs = [job for job in planned_jobs(result.stdout) if job.rule not in ("all", "aggregate")]
+    assert {job.rule for job in jobs} >= {"encode", "reduce", "generate", "evaluate", "measure_cost"}
+    for job in jobs:
+        assert job.resources.get("gpu", 0) == 0, job.rule
+        assert get_best_partition(partitions, job, QuietLogger()) == "cpu", job.rule
+
+
+def test_a_retry_asks_for_more_memory_and_time():
+    first, retry = planned_jobs(dry_run().stdout), planned_jobs(dry_run("--attempt", "2").stdout)
+    by_job = lambda jobs: {(j.rule, tuple(sorted(j.wildcards.items()))): j.resources for j in jobs}  # noqa: E731
+    first, retry = by_job(first), by_job(retry)
+    assert first.keys() == retry.keys()
+    for key, resources in first.items():
+        if key[0] in ("all", "aggregate"):
+            continue
+        assert retry[key]["mem_mb"] == 2 * resources["mem_mb"], key
+        assert retry[key]["runtime"] == 2 * resources["runtime"], key
