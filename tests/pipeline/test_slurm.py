@@ -131,3 +131,121 @@ def test_a_retry_asks_for_more_memory_and_time():
             continue
         assert retry[key]["mem_mb"] == 2 * resources["mem_mb"], key
         assert retry[key]["runtime"] == 2 * resources["runtime"], key
+
+
+# ---- a real single-node cluster ------------------------------------------------------------------------------
+
+CONTROLLER_TIMEOUT = 900  # s, per Snakemake run; a run past it is killed with its process group
+
+
+def readme_edits(profile: Path, partition: str, account: str) -> None:
+    """The edits README "Running on a SLURM cluster" asks for: partition names and the account."""
+    (profile / "partitions.yaml").write_text(yaml.safe_dump({"partitions": {partition: {}}}))
+    text = (profile / "profile.yaml").read_text()
+    assert 'slurm_account: "CHANGE_ME"' in text
+    (profile / "profile.yaml").write_text(text.replace('slurm_account: "CHANGE_ME"', f'slurm_account: "{account}"'))
+
+
+def small_study(workdir: Path) -> Path:
+    """The default study cut down: 8 questions, the committed demo model, two methods, one shard."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["models"]["vtc-shapes-tiny"]["path"] = str(REPO / "models" / "vtc-shapes-tiny")
+    config["shapes"] = {"test": 8}
+    config["methods"] = {"full": {}, "pool": {}}
+    config["budgets"] = [16]
+    config["efficiency"]["measure"] = False
+    config["wandb"] = {"mode": "offline"}
+    workdir.mkdir(parents=True)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    return workdir / "config.yaml"
+
+
+def start_snakemake(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
+    log = open(workdir.parent / f"{workdir.name}-{time.monotonic_ns()}.log", "w")
+    return subprocess.Popen(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), *args],
+        env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def finish(process: subprocess.Popen, timeout: float = CONTROLLER_TIMEOUT) -> int:
+    """Waits for a Snakemake run; past the timeout, ends its whole process group and fails the test."""
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(process.pid, sig)
+                process.wait(timeout=20)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        pytest.fail(f"snakemake did not finish within {timeout} s:\n{log_of(process)}")
+
+
+def log_of(process: subprocess.Popen) -> str:
+    return Path(process.stdout.name).read_text()[-4000:]
+
+
+def queue(env: dict) -> list[tuple[str, str, str]]:
+    """(job id, state, comment) of every job SLURM still lists; the plugin's comment names the rule or group."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%T|%k"], env=env, capture_output=True, text=True, timeout=30)
+    return [tuple(line.split("|", 2)) for line in out.stdout.splitlines() if line.count("|") == 2]
+
+
+@pytest.fixture
+def slurm_cluster():
+    from slurm_cluster import SlurmCluster, missing_requirements
+
+    reason = missing_requirements()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster() as cluster:
+        try:
+            yield cluster
+        finally:
+            subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
+            deadline = time.monotonic() + 60
+            while queue(cluster.env) and time.monotonic() < deadline:
+                time.sleep(1)
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_small_study_on_a_real_slurm_cluster_matches_a_local_run_and_recovers_a_cancelled_job(tmp_path, slurm_cluster):
+    profile = tmp_path / "profile"
+    shutil.copytree(PROFILE, profile)
+    readme_edits(profile, partition="debug", account="vtctest")
+    env = {**ENV, "SLURM_CONF": slurm_cluster.env["SLURM_CONF"]}
+    local, on_slurm = tmp_path / "local", tmp_path / "slurm"
+    small_study(local), small_study(on_slurm)
+
+    run = start_snakemake(local, env, "--cores", "2")
+    assert finish(run) == 0, log_of(run)
+
+    # First run: every generate job is cancelled while it runs, its retry as well, so the run stops short.
+    run = start_snakemake(on_slurm, env, "--workflow-profile", str(profile))
+    cancelled = []
+    while run.poll() is None:
+        for job_id, state, comment in queue(env):
+            if "generate" in comment and state == "RUNNING" and job_id not in cancelled:
+                subprocess.run(["scancel", job_id], env=env, check=True, timeout=30)
+                cancelled.append(job_id)
+        time.sleep(1)
+    assert finish(run) != 0, log_of(run)
+    assert len(cancelled) == 2, (cancelled, log_of(run))  # the job and its one retry
+    tables = Path("results/tables/shapes-demo")
+    assert not (on_slurm / tables / "results.parquet").exists()
+
+    # The same command again finishes the study.
+    run = start_snakemake(on_slurm, env, "--workflow-profile", str(profile))
+    assert finish(run) == 0, log_of(run)
+    assert len(list((on_slurm / "logs" / "slurm" / "rule_encode").rglob("*.log"))) == 1  # not submitted again
+    for name in ("results.parquet", "results.csv", "results.md"):
+        assert (on_slurm / tables / name).read_bytes() == (local / tables / name).read_bytes(), name
+    assert pl.read_parquet(on_slurm / tables / "results.parquet").height > 0
+
+    # Every SLURM job's log is kept, and the evaluate jobs wrote offline W&B runs on the compute node.
+    slurm_logs = {p.relative_to(on_slurm / "logs" / "slurm").parts[0] for p in (on_slurm / "logs" / "slurm").rglob("*.log")}
+    assert {"rule_encode", "group_reduce-vtc-shapes-tiny-shapes_reduce", "group_evaluate-vtc-shapes-tiny-shapes_evaluate"} <= slurm_logs
+    assert len(list((on_slurm / "results" / "wandb" / "wandb").glob("offline-run-*"))) >= 2
