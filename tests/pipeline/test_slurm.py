@@ -160,26 +160,39 @@ def small_study(workdir: Path) -> Path:
     return workdir / "config.yaml"
 
 
+STARTED: list[subprocess.Popen] = []  # Snakemake runs of the current test, ended by the cluster fixture
+
+
 def start_snakemake(workdir: Path, env: dict, *args: str) -> subprocess.Popen:
     log = open(workdir.parent / f"{workdir.name}-{time.monotonic_ns()}.log", "w")
-    return subprocess.Popen(
+    process = subprocess.Popen(
         [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "-d", str(workdir), "--configfile", str(workdir / "config.yaml"), *args],
         env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )  # fmt: skip
+    STARTED.append(process)
+    return process
+
+
+def end(process: subprocess.Popen) -> None:
+    """Ends a Snakemake run and everything it started locally (its own process group)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=20)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def finish(process: subprocess.Popen, timeout: float = CONTROLLER_TIMEOUT) -> int:
-    """Waits for a Snakemake run; past the timeout, ends its whole process group and fails the test."""
+    """Waits for a Snakemake run; past the timeout, ends it and fails the test."""
     try:
         return process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(process.pid, sig)
-                process.wait(timeout=20)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        end(process)
         pytest.fail(f"snakemake did not finish within {timeout} s:\n{log_of(process)}")
 
 
@@ -204,6 +217,8 @@ def slurm_cluster():
         try:
             yield cluster
         finally:
+            while STARTED:
+                end(STARTED.pop())
             subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True, timeout=30)
             deadline = time.monotonic() + 60
             while queue(cluster.env) and time.monotonic() < deadline:
@@ -228,7 +243,8 @@ def test_small_study_on_a_real_slurm_cluster_matches_a_local_run_and_recovers_a_
     cancelled = []
     while run.poll() is None:
         for job_id, state, comment in queue(env):
-            if "generate" in comment and state == "RUNNING" and job_id not in cancelled:
+            # the plugin's comment of a generate group job: rule_generate-<model>-<dataset>-<shard>_generate
+            if comment.startswith("rule_generate-") and state == "RUNNING" and job_id not in cancelled:
                 subprocess.run(["scancel", job_id], env=env, check=True, timeout=30)
                 cancelled.append(job_id)
         time.sleep(1)
