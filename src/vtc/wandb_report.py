@@ -122,7 +122,9 @@ def outline(report: wr.Report) -> list[str]:
         for runset in getattr(block, "runsets", []) or []:
             lines.append(f"  runset {runset.name!r}: {runset.filters}")
         for panel in getattr(block, "panels", []) or []:
-            lines.append(f"  {type(panel).__name__}: {getattr(panel, 'title', None) or getattr(panel, 'table_name', '')}")
+            lines.append(
+                f"  {type(panel).__name__}: {getattr(panel, 'title', None) or getattr(panel, 'table_name', '')}"
+            )
     return lines
 
 

@@ -31,7 +31,9 @@ def missing_requirements() -> str | None:
     missing = [name for name, path in DAEMONS.items() if not os.access(path, os.X_OK)]
     missing += [tool for tool in ("sbatch", "squeue", "scancel", "sinfo") if shutil.which(tool) is None]
     if missing:
-        return f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge, as .ci/run does"
+        return (
+            f"SLURM is not installed ({', '.join(missing)} missing): apt-get install slurm-wlm munge, as .ci/run does"
+        )
     try:
         pwd.getpwnam("munge")
     except KeyError:
@@ -137,7 +139,9 @@ class SlurmCluster:
         subprocess.run([DAEMONS["slurmd"]], **run)
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            state = subprocess.run(["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=10)
+            state = subprocess.run(
+                ["sinfo", "-h", "-o", "%T"], env=self.env, capture_output=True, text=True, timeout=10
+            )
             if state.stdout.strip() == "idle":
                 return
             time.sleep(0.5)

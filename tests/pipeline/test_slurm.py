@@ -19,6 +19,7 @@ import polars as pl
 import pytest
 import yaml
 from snakemake_executor_plugin_slurm.partitions import get_best_partition, read_partition_file
+from test_wandb import logged
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
@@ -101,7 +102,9 @@ def test_paper_preset_asks_for_gpus_only_for_model_bound_jobs_on_the_gpu_partiti
     # What is submitted: group jobs of several generate jobs still ask for one GPU (they run one after another),
     # CPU groups for none, and a group's runtime stays within a day.
     groups = [json.loads(line[len("GROUP ") :]) for line in result.stderr.splitlines() if line.startswith("GROUP ")]
-    by_rule = {name: [g for g in groups if g["group"].startswith(name + "-")] for name in ("reduce", "generate", "evaluate")}
+    by_rule = {
+        name: [g for g in groups if g["group"].startswith(name + "-")] for name in ("reduce", "generate", "evaluate")
+    }
     assert all(by_rule.values()) and sum(map(len, by_rule.values())) == len(groups)
     assert {g["gpu"] for g in by_rule["generate"]} == {1}
     assert max(g["jobs"] for g in by_rule["generate"]) == 6
@@ -235,13 +238,14 @@ def test_small_study_on_a_real_slurm_cluster_matches_a_local_run_and_recovers_a_
     local, on_slurm = tmp_path / "local", tmp_path / "slurm"
     small_study(local), small_study(on_slurm)
 
-    run = start_snakemake(local, env, "--cores", "2")
-    assert finish(run) == 0, log_of(run)
+    # The local reference runs while the SLURM run mostly waits for its status checks.
+    reference = start_snakemake(local, env, "--cores", "1")
 
     # First run: every generate job is cancelled while it runs, its retry as well, so the run stops short.
     run = start_snakemake(on_slurm, env, "--workflow-profile", str(profile))
     cancelled = []
-    while run.poll() is None:
+    deadline = time.monotonic() + CONTROLLER_TIMEOUT
+    while run.poll() is None and time.monotonic() < deadline:
         for job_id, state, comment in queue(env):
             # the plugin's comment of a generate group job: rule_generate-<model>-<dataset>-<shard>_generate
             if comment.startswith("rule_generate-") and state == "RUNNING" and job_id not in cancelled:
@@ -250,6 +254,7 @@ def test_small_study_on_a_real_slurm_cluster_matches_a_local_run_and_recovers_a_
         time.sleep(1)
     assert finish(run) != 0, log_of(run)
     assert len(cancelled) == 2, (cancelled, log_of(run))  # the job and its one retry
+    assert finish(reference) == 0, log_of(reference)
     tables = Path("results/tables/shapes-demo")
     assert not (on_slurm / tables / "results.parquet").exists()
 
@@ -262,6 +267,17 @@ def test_small_study_on_a_real_slurm_cluster_matches_a_local_run_and_recovers_a_
     assert pl.read_parquet(on_slurm / tables / "results.parquet").height > 0
 
     # Every SLURM job's log is kept, and the evaluate jobs wrote offline W&B runs on the compute node.
-    slurm_logs = {p.relative_to(on_slurm / "logs" / "slurm").parts[0] for p in (on_slurm / "logs" / "slurm").rglob("*.log")}
-    assert {"rule_encode", "group_reduce-vtc-shapes-tiny-shapes_reduce", "group_evaluate-vtc-shapes-tiny-shapes_evaluate"} <= slurm_logs
-    assert len(list((on_slurm / "results" / "wandb" / "wandb").glob("offline-run-*"))) >= 2
+    slurm_logs = {
+        p.relative_to(on_slurm / "logs" / "slurm").parts[0] for p in (on_slurm / "logs" / "slurm").rglob("*.log")
+    }
+    assert {
+        "rule_encode",
+        "group_reduce-vtc-shapes-tiny-shapes_reduce",
+        "group_evaluate-vtc-shapes-tiny-shapes_evaluate",
+    } <= slurm_logs
+    runs = [logged(run_dir) for run_dir in (on_slurm / "results" / "wandb" / "wandb").glob("offline-run-*")]
+    evaluate_runs = [(config, summary) for config, summary in runs if "method" in config]  # not the aggregate run
+    assert len(evaluate_runs) == 2
+    for config, summary in evaluate_runs:
+        assert {"model", "dataset", "method", "budget", "visual_tokens", "visual_tokens_kept"} <= config.keys()
+        assert summary["score"] == summary[config["headline_metric"]]

@@ -57,6 +57,8 @@ def logged(run_dir: Path) -> tuple[dict, dict]:
     config, summary = {}, {}
     for line in out.stdout.splitlines():
         record = json.loads(line)
+        if record["type"] == "run":  # the config given to wandb.init
+            config.update(record["run"].get("config", {}).get("update", {}))
         if record["type"] in ("config", "summary"):
             (config if record["type"] == "config" else summary).update(record[record["type"]].get("update", {}))
     return config, summary
@@ -73,14 +75,20 @@ def test_aggregate_run_logs_the_tidy_table_and_native_charts(tmp_path, metrics_f
     assert summary["results._type"] == "table-file"
     assert summary["results.nrows"] == pl.read_parquet(out / "r.parquet").height
     assert summary["methods.nrows"] == 8
-    charts = {"accuracy_vs_tokens": "wandb/lineseries/v0", "pareto": "wandb/scatter/v0", "pareto_frontier": "wandb/line/v0"}
+    charts = {
+        "accuracy_vs_tokens": "wandb/lineseries/v0",
+        "pareto": "wandb/scatter/v0",
+        "pareto_frontier": "wandb/line/v0",
+    }
     for dataset in ("d1", "d2"):
         for chart, panel in charts.items():
             key = f"{chart}/{dataset}/m"
             # a native chart: a Vega panel over a logged table, re-plottable in the UI (not an image)
             assert config[f"_wandb.visualize.{key}"]["panel_config"]["panelDefId"] == panel, key
             assert summary[f"{key}_table._type"] == "table-file", key
-    assert summary["pareto_frontier/d1/m_table.nrows"] == 3  # random/64 (same cost as pool/64, higher score), pool/192, full
+    assert (
+        summary["pareto_frontier/d1/m_table.nrows"] == 3
+    )  # random/64 (same cost as pool/64, higher score), pool/192, full
 
 
 def test_report_has_a_section_per_benchmark_and_filters_that_parse():
