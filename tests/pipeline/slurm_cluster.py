@@ -153,24 +153,32 @@ class SlurmCluster:
         )
 
     def stop(self):
-        """Ends the daemons this cluster started (by their pid files) and deletes its folder."""
-        for name, pid_file in self.pid_files.items():
-            try:
-                pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
-            for _ in range(100):
+        """Ends the daemons this cluster started (by their pid files) and deletes its folder; the link and the folder
+        go even if ending the daemons is interrupted."""
+        try:
+            pids = []
+            for pid_file in self.pid_files.values():
                 try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+                    pid = int(pid_file.read_text().split()[0])
+                    os.kill(pid, signal.SIGTERM)
+                    pids.append(pid)
+                except (OSError, ValueError, IndexError):  # never started, or already gone
+                    continue
+            deadline = time.monotonic() + 10
+            while pids and time.monotonic() < deadline:
+                pids = [pid for pid in pids if alive(pid)]
                 time.sleep(0.1)
-            else:
+            for pid in pids:
                 os.kill(pid, signal.SIGKILL)
-        if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.resolve() == (self.root / "slurm.conf").resolve():
-            SYSTEM_CONF.unlink()
-        shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            if SYSTEM_CONF.is_symlink() and SYSTEM_CONF.resolve() == (self.root / "slurm.conf").resolve():
+                SYSTEM_CONF.unlink()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
