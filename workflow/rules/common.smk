@@ -254,3 +254,37 @@ def get_prediction_shards(wildcards):
 
 def get_prediction_stats(wildcards):
     return [path.removesuffix(".jsonl") + ".json" for path in get_prediction_shards(wildcards)]
+
+
+# Cluster execution (workflow/profiles/slurm). Locally, groups are inactive and attempt is 1.
+
+
+def attempt_scaled(value):
+    """A resource of `value` (a number, or a function of wildcards) times the attempt: the retry of a job killed
+    for memory or time (`retries` in a profile) asks for twice as much."""
+
+    def resource(wildcards, attempt):
+        return (value(wildcards) if callable(value) else value) * attempt
+
+    return resource
+
+
+def cluster_group(name, *keys):
+    """The `group:` of a rule's jobs: one per value of the wildcards `keys`, e.g. every reduce job of a model and
+    dataset. A profile's `group-components: {name: N}` then runs up to N of them in one cluster job (the count is
+    looked up under `name`)."""
+
+    def group(wildcards):
+        resolved = "-".join([name, *(wildcards[key] for key in keys)])
+        workflow.parent_groupids[resolved] = name
+        return resolved
+
+    return group
+
+
+def reduce_group(wildcards):
+    """Token-level reduce jobs share a cluster job per model and dataset; an encoder-level one (a GPU job that runs
+    the vision tower) stays alone, so that no CPU group asks for a GPU."""
+    if method_stage(registered_method(wildcards.method)) == "encoder":
+        return None
+    return cluster_group("reduce", "model", "dataset")(wildcards)

@@ -7,8 +7,8 @@ rule generate_shapes:
         "../../envs/data.yaml"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=attempt_scaled(4000),
+        runtime=attempt_scaled(30),
     params:
         size=get_shapes_split_size,
         seed=config["shapes"]["seed"],
@@ -27,8 +27,8 @@ rule prepare_dataset:
         "../../envs/data.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(120),
     params:
         dataset=get_dataset_config,
         seed=config["seed"],

@@ -12,8 +12,8 @@ rule measure_cost:
         "../../envs/torch.yaml"
     threads: config["efficiency"]["threads"]
     resources:
-        mem_mb=16000,
-        runtime=60,
+        mem_mb=attempt_scaled(16000),
+        runtime=attempt_scaled(60),
         gpu=gpus,
     params:
         model=get_model_config,

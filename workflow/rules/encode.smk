@@ -10,8 +10,8 @@ rule encode:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=attempt_scaled(16000),
+        runtime=attempt_scaled(240),
         gpu=gpus,
     params:
         model=get_model_config,

@@ -8,12 +8,14 @@ rule generate:
         stats="results/evaluate/{model}/{dataset}/{method}/{budget}/shards/{shard}.json",
     log:
         "logs/generate/{model}/{dataset}/{method}/{budget}/{shard}.log",
+    group:
+        cluster_group("generate", "model", "dataset", "shard")
     conda:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=attempt_scaled(16000),
+        runtime=attempt_scaled(240),
         gpu=gpus,
     params:
         model=get_model_config,
@@ -36,12 +38,14 @@ rule evaluate:
         metrics="results/evaluate/{model}/{dataset}/{method}/{budget}/metrics.json",
     log:
         "logs/evaluate/{model}/{dataset}/{method}/{budget}.log",
+    group:
+        cluster_group("evaluate", "model", "dataset")
     conda:
         "../../envs/torch.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=30,
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(30),
     params:
         model=get_model_config,
         benchmark=get_benchmark_name,

@@ -14,8 +14,8 @@ rule train_demo_model:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=240,
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(240),
     params:
         settings=config["demo_model"],
     script:

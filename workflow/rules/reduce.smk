@@ -7,12 +7,14 @@ rule reduce:
         directory("results/reduce/{model}/{dataset}/{method}/{budget}"),
     log:
         "logs/reduce/{model}/{dataset}/{method}/{budget}.log",
+    group:
+        reduce_group
     conda:
         "../../envs/torch.yaml"
     threads: by_reduce_stage(1, 2)
     resources:
-        mem_mb=by_reduce_stage(8000, 16000),
-        runtime=by_reduce_stage(60, 240),
+        mem_mb=attempt_scaled(by_reduce_stage(8000, 16000)),
+        runtime=attempt_scaled(by_reduce_stage(30, 240)),
         gpu=by_reduce_stage(0, gpus),
     params:
         model=get_model_config,

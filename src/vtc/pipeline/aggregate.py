@@ -425,8 +425,54 @@ def aggregate(
             "results": wandb.Table(columns=table.columns, data=table.rows()),
             "accuracy_vs_tokens": wandb.Image(str(out_plot)),
             "pareto": wandb.Image(str(out_pareto)),
+            **wandb_charts(table),
         }
         if not summary.is_empty():
             logged["efficiency"] = wandb.Table(columns=summary.columns, data=summary.rows())
         run.log(logged)
     return table
+
+
+def headline_runs(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per run (model, dataset, method, budget): its visual tokens, kept tokens, headline metric (name and
+    value) and predicted prefill TFLOPs; the rows of W&B's method table and charts."""
+    parts = []
+    for (model, dataset), part in table.group_by(["model", "dataset"], maintain_order=True):
+        metric = headline_metric(part, dataset)
+        scores = part.filter(pl.col("metric") == metric).select(*KEYS, "tokens", "kept", score="value")
+        cost = part.filter(pl.col("metric") == "cost/prefill_tflops").select(*KEYS, prefill_tflops="value")
+        parts.append(scores.join(cost, on=KEYS, how="left").with_columns(metric=pl.lit(metric)))
+    return pl.concat(parts).sort(["model", "dataset", "method", "tokens"]) if parts else pl.DataFrame()
+
+
+def wandb_charts(table: pl.DataFrame) -> dict:
+    """Native W&B charts of a study (re-plottable, filterable in the UI, unlike the PNGs), per model and dataset:
+    `accuracy_vs_tokens/<dataset>/<model>`, the headline metric against visual tokens, one line per method;
+    `pareto/<dataset>/<model>`, every run's headline metric against predicted prefill TFLOPs;
+    `pareto_frontier/<dataset>/<model>`, the frontier's steps (the best score reachable at a cost). Plus
+    `methods`, one row per run (see `headline_runs`)."""
+    import wandb
+
+    runs = headline_runs(table)
+    charts = {"methods": wandb.Table(columns=runs.columns, data=runs.rows())} if not runs.is_empty() else {}
+    for (model, dataset), part in runs.group_by(["model", "dataset"], maintain_order=True):
+        metric = part["metric"][0]
+        lines = part.sort("tokens").group_by("method", maintain_order=True).agg("tokens", "score")
+        charts[f"accuracy_vs_tokens/{dataset}/{model}"] = wandb.plot.line_series(
+            xs=lines["tokens"].to_list(), ys=lines["score"].to_list(), keys=lines["method"].to_list(),
+            title=f"{dataset} ({model}): {metric} vs visual tokens", xname="visual tokens",
+        )  # fmt: skip
+        points = part.filter(pl.col("prefill_tflops").is_not_null()).sort("prefill_tflops")
+        if points.is_empty():
+            continue
+        columns = ["method", "budget", "tokens", "prefill_tflops", "score"]
+        charts[f"pareto/{dataset}/{model}"] = wandb.plot.scatter(
+            wandb.Table(columns=columns, data=points.select(columns).rows()), "prefill_tflops", "score",
+            title=f"{dataset} ({model}): {metric} vs predicted prefill TFLOPs",
+        )  # fmt: skip
+        frontier = points[pareto_frontier(points["prefill_tflops"].to_list(), points["score"].to_list())]
+        charts[f"pareto_frontier/{dataset}/{model}"] = wandb.plot.line(
+            wandb.Table(columns=columns, data=frontier.select(columns).rows()), "prefill_tflops", "score",
+            title=f"{dataset} ({model}): Pareto frontier ({metric} vs prefill TFLOPs)",
+        )  # fmt: skip
+    return charts

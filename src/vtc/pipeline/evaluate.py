@@ -247,7 +247,17 @@ def evaluate(
     if rows_report.exists():  # rows prepare_dataset read, kept and skipped (bad images, empty questions or answers)
         result["dataset_rows"] = json.loads(rows_report.read_text())
     name = "/".join(str(run_info[k]) for k in ("model", "dataset", "method", "budget"))
+    # Filterable in W&B's runs table, and what the report's panels plot (see vtc.wandb_report); counted as the
+    # results tables count them.
+    from vtc.pipeline.aggregate import predicted_metrics, visual_tokens, visual_tokens_kept
+
+    tracked = {
+        "visual_tokens": visual_tokens(result),
+        "visual_tokens_kept": visual_tokens_kept(result),
+        "headline_metric": next(iter(metrics)),
+    }
     config = {
+        **tracked,
         **run_info,
         **{f"model/{k}": v for k, v in model_cfg.items()},
         "benchmark": benchmark_name,
@@ -263,7 +273,16 @@ def evaluate(
         "in_llm": in_llm,
     }
     with wandb_run(wandb_settings, job_type="evaluate", name=name, config=config) as run:
-        run.summary.update({**metrics, "n": len(records), "vision_tower_calls": result["vision_tower_calls"]})
+        run.summary.update(
+            {
+                **metrics,
+                **predicted_metrics(result),
+                **tracked,
+                "score": metrics[tracked["headline_metric"]],
+                "n": len(records),
+                "vision_tower_calls": result["vision_tower_calls"],
+            }
+        )
         import wandb
 
         columns = ["id", "family", "question", "answers", "prediction"]
