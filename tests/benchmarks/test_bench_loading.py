@@ -176,3 +176,26 @@ def test_original_image_bytes_survive_load_and_write(tmp_path):
     write_common_parquet(rows, tmp_path / "out.parquet")
     written = read_common_parquet(tmp_path / "out.parquet").cast_column("image", datasets.Image(decode=False))
     assert all(row["image"]["bytes"] == jpeg for row in written)
+
+
+def test_a_limit_keeps_whole_images_where_the_scorer_scores_per_image(tmp_path, fixtures_dir):
+    import math
+    import random
+
+    from vtc.pipeline.prepare import prepare_dataset, subsample
+
+    directory, split, _ = CASES["mme"]
+    out = tmp_path / "mme.parquet"
+    prepare_dataset("mme", str(fixtures_dir / directory), split, None, 3, 0, out)
+    rows = datasets.load_dataset("parquet", data_files=str(out), split="train").to_list()
+    per_image = {}
+    for row in rows:
+        per_image.setdefault(row["image_id"], []).append(row["id"])
+    assert len(rows) == 4 and all(len(ids) == 2 for ids in per_image.values())  # 3 rounded up to two whole images
+    records = [{**row, "prediction": "Yes"} for row in rows]
+    assert not math.isnan(get_benchmark("mme").score(records)["total"])
+    # whole images drawn until the limit is reached, every question of each; per row where the scorer allows it
+    table = [{"image_id": f"i{i // 3}"} for i in range(30)]
+    kept = subsample(table, 7, random.Random(1), whole_images=True)
+    assert len(kept) == 9 and kept == sorted(kept) and len({table[i]["image_id"] for i in kept}) == 3
+    assert len(subsample(table, 7, random.Random(1), whole_images=False)) == 7

@@ -46,6 +46,8 @@ class Benchmark:
     prompt:    normalised row -> the text that follows the image in the user turn.
     score:     records (normalised row fields + "prediction") -> {metric: value}; "accuracy"-like
                headline first.
+    limit_whole_images: a `limit` subsample keeps all the questions of the images it draws, for a scorer that
+               scores per image (MME's acc+ needs both questions of an image, or it reports NaN).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Benchmark:
     max_new_tokens: int = 16
     notes: str = ""
     options: dict = field(default_factory=dict)
+    limit_whole_images: bool = False
 
 
 _REGISTRY: dict[str, Benchmark] = {}

@@ -156,5 +156,6 @@ MME = register_benchmark(
             "perception only."
         ),
         options={"perception": list(PERCEPTION), "cognition": list(COGNITION)},
+        limit_whole_images=True,
     )
 )

@@ -30,6 +30,23 @@ def rows_report_path(dataset: Path) -> Path:
     return Path(dataset).with_suffix(".rows.json")
 
 
+def subsample(rows, limit: int, rng: random.Random, whole_images: bool) -> list[int]:
+    """Indices (ascending) of `limit` rows drawn by `rng`; with `whole_images`, of every question of images drawn in
+    a random order until at least `limit` rows are in."""
+    if not whole_images:
+        return sorted(rng.sample(range(len(rows)), limit))
+    image_ids = rows["image_id"] if hasattr(rows, "column_names") else [row["image_id"] for row in rows]
+    by_image: dict[str, list[int]] = {}
+    for index, image_id in enumerate(image_ids):
+        by_image.setdefault(image_id, []).append(index)
+    keep: list[int] = []
+    for image_id in rng.sample(sorted(by_image), len(by_image)):
+        if len(keep) >= limit:
+            break
+        keep += by_image[image_id]
+    return sorted(keep)
+
+
 def prepare_dataset(
     benchmark: str,
     source: str,
@@ -41,13 +58,14 @@ def prepare_dataset(
     on_bad_rows: str = "skip",
     name: str | None = None,
 ) -> int:
-    """Writes the split (or a seeded subsample of `limit` rows, in dataset order) without its bad rows, and the rows
-    report; returns the number of rows written."""
+    """Writes the split (or a seeded subsample of `limit` rows, in dataset order; whole images where the benchmark
+    scores per image) without its bad rows, and the rows report; returns the number of rows written."""
     if on_bad_rows not in ON_BAD_ROWS:
         raise ValueError(f"on_bad_rows must be one of {ON_BAD_ROWS}, got {on_bad_rows!r}")
-    rows = get_benchmark(benchmark).load(source, split, revision)
+    spec = get_benchmark(benchmark)
+    rows = spec.load(source, split, revision)
     if limit is not None and limit < len(rows):
-        keep = sorted(random.Random(f"{seed}/{benchmark}/{split}").sample(range(len(rows)), limit))
+        keep = subsample(rows, limit, random.Random(f"{seed}/{benchmark}/{split}"), spec.limit_whole_images)
         rows = rows.select(keep) if hasattr(rows, "select") else [rows[i] for i in keep]
     label = name or source
     kept, skipped = [], []
