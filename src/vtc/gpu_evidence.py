@@ -83,6 +83,7 @@ TINY_HPARAMS = {
     "dart": {"budget_mode": "kept"},
     "sparsevlm": {"layers": [1, 2, 3], "keep": "fit", "budget_mode": "kept"},
     "pyramiddrop": {"layers": [1, 2, 3], "budget_mode": "kept"},
+    "saliency_select": {"budget_mode": "kept"},
 }
 ATTENTION = {
     "tokens": "CLS attention, where used, recomputed from the vision feature layer's q, k (vtc.models.llava.encode): "

@@ -97,6 +97,7 @@ def small_study(workdir: Path, model_dir: Path, **overrides) -> Path:
     config["methods"] = {"full": {}, "pool": {}}
     config["budgets"] = [16]
     config["efficiency"] = {"measure": False}
+    config["saliency"]["datasets"] = []  # the saliency pass's own reruns are tested in tests/test_saliency.py
     config["wandb"] = {"mode": "auto", "init_timeout": 2}
     config.update(overrides)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[2]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_API_KEY": ""}
-MODEL_BOUND = {"encode", "generate", "measure_cost"}  # and reduce for an encoder-level method
+# and reduce for an encoder-level method; the saliency study's prefill passes run the model too
+MODEL_BOUND = {"encode", "generate", "measure_cost", "saliency_record", "saliency_oracle"}
 
 
 class Resources(dict):
@@ -157,6 +158,7 @@ def small_study(workdir: Path) -> Path:
     config["methods"] = {"full": {}, "pool": {}}
     config["budgets"] = [16]
     config["efficiency"]["measure"] = False
+    config["saliency"]["datasets"] = []  # its rules are covered by the dry runs above and tests/test_saliency.py
     config["wandb"] = {"mode": "offline"}
     workdir.mkdir(parents=True)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))

@@ -16,8 +16,8 @@ rule saliency_record:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=attempt_scaled(16000),
+        runtime=attempt_scaled(240),
         gpu=gpus,
     params:
         model=get_model_config,
@@ -65,8 +65,8 @@ rule saliency_analyze:
         "../../envs/saliency.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=60,
+        mem_mb=attempt_scaled(8000),
+        runtime=attempt_scaled(60),
     params:
         model=get_model_config,
         settings=SALIENCY,
@@ -92,8 +92,8 @@ rule saliency_oracle:
         "../../envs/torch.yaml"
     threads: 2
     resources:
-        mem_mb=16000,
-        runtime=240,
+        mem_mb=attempt_scaled(16000),
+        runtime=attempt_scaled(240),
         gpu=gpus,
     params:
         model=get_model_config,
@@ -135,7 +135,7 @@ rule saliency_summary:
         "../../envs/saliency.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=attempt_scaled(2000),
+        runtime=attempt_scaled(10),
     script:
         "../scripts/saliency_summary.py"
