@@ -75,21 +75,9 @@ def head_attention(
     attention: the layer's `self_attn`; hidden_in: [B, L, D] the layer's input after its input RMSNorm; keys:
     [B, H_kv, L, d] its cached keys (after RoPE); valid: [B, L] bool; cos_sin: the rotary embedding of the positions.
     """
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    from vtc.models.inllm import query_weights
 
-    batch, length, width = *rows.shape, max(int(rows.sum(dim=1).max()), 1)
-    count = rows.sum(dim=1, keepdim=True)
-    picked = rows.long().argsort(dim=1, descending=True, stable=True)[:, :width]  # [B, Q] queries first, then fillers
-    weight = (torch.arange(width, device=rows.device)[None] < count) / count.clamp(min=1)  # [B, Q]
-    hidden = hidden_in.gather(1, picked[..., None].expand(-1, -1, hidden_in.shape[-1]))
-    query = attention.q_proj(hidden).view(batch, width, -1, attention.head_dim).transpose(1, 2)  # [B, H, Q, d]
-    cos, sin = (table.gather(1, picked[..., None].expand(-1, -1, table.shape[-1])) for table in cos_sin)
-    query, _ = apply_rotary_pos_emb(query, query, cos, sin)
-    keys = repeat_kv(keys, attention.num_key_value_groups)
-    scores = (query.float() @ keys.float().transpose(-1, -2)) * attention.scaling  # [B, H, Q, L]
-    key_positions = torch.arange(length, device=rows.device)[None, None]
-    allowed = (key_positions <= picked[..., None]) & valid[:, None, :] | (key_positions == picked[..., None])
-    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1)  # [B, H, Q, L]
+    weights, weight = query_weights(attention, hidden_in, keys, valid, cos_sin, rows)
     return (weights * weight[:, None, :, None]).sum(dim=2)
 
 

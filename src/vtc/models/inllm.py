@@ -217,6 +217,15 @@ def query_attention(
     rows: [B, L] bool. Recomputes only those queries: the rows eager attention's map would have (causal, valid keys),
     without materialising B·H·L² weights.
     """
+    weights, weight = query_weights(attention, hidden_in, keys, valid, cos_sin, rows)
+    return (weights.mean(dim=1) * weight[..., None]).sum(dim=1)
+
+
+def query_weights(
+    attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin, rows: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`query_attention`'s pieces: per-head weights [B, H, Q, L] of each row's query positions (first, ascending, then
+    fillers) and each query's share [B, Q] of its row's average (1/count for a query, 0 for a filler)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     batch, length, width = *rows.shape, max(int(rows.sum(dim=1).max()), 1)
@@ -233,8 +242,7 @@ def query_attention(
     key_positions = torch.arange(length, device=rows.device)[None, None]
     # a filler on a padding position attends to itself, so that no row is all -inf (NaN times a zero weight is NaN)
     allowed = (key_positions <= picked[..., None]) & valid[:, None, :] | (key_positions == picked[..., None])
-    weights = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1).mean(dim=1)  # [B, Q, L]
-    return (weights * weight[..., None]).sum(dim=1)
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(dim=-1), weight
 
 
 def upcoming_attention(layer, hidden: torch.Tensor, valid: torch.Tensor, cos_sin, rows: torch.Tensor) -> torch.Tensor:
