@@ -22,6 +22,19 @@ from vtc.models import llava
 from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images
 
 
+def cached_tokens(tensors: dict, rows, seeds: list[int], grid: tuple[int, int], **extra) -> VisualTokens:
+    """The rows `rows` (a slice or an index tensor) of an encode shard's tensors as a float32 batch for a method."""
+    return VisualTokens(
+        projected=tensors["projected"][rows].float(),
+        features=tensors["features"][rows].float(),
+        cls_attention=tensors["cls_attention"][rows].float(),
+        keys=tensors["keys"][rows].float(),
+        seeds=torch.tensor(seeds),
+        grid=grid,
+        **extra,
+    )
+
+
 def reduce_dataset(
     encoded: Path,
     expected_key: dict | None,
@@ -53,14 +66,8 @@ def reduce_dataset(
         tokens, sources = [], []
         for start in range(0, len(image_ids), batch_size):
             window = slice(start, start + batch_size)
-            batch = VisualTokens(
-                projected=tensors["projected"][window].float(),
-                features=tensors["features"][window].float(),
-                cls_attention=tensors["cls_attention"][window].float(),
-                keys=tensors["keys"][window].float(),
-                seeds=torch.tensor([image_seed(seed, i) for i in image_ids[window]]),
-                grid=grid,
-            )
+            seeds = [image_seed(seed, i) for i in image_ids[window]]
+            batch = cached_tokens(tensors, window, seeds, grid)
             started = time.perf_counter()
             reduced = reducer(batch, budget, **reducer_hparams)
             seconds += time.perf_counter() - started
@@ -128,16 +135,9 @@ def reduce_questions(
         for start in range(0, len(pending), batch_size):
             window = pending[start : start + batch_size]
             index = torch.tensor([i for _, i in window])
-            batch = VisualTokens(
-                projected=tensors["projected"][index].float(),
-                features=tensors["features"][index].float(),
-                cls_attention=tensors["cls_attention"][index].float(),
-                keys=tensors["keys"][index].float(),
-                seeds=torch.tensor([image_seed(seed, row["image_id"]) for row, _ in window]),
-                grid=grid,
-                questions=tuple(row["question"] for row, _ in window),
-                model=model,
-            )
+            seeds = [image_seed(seed, row["image_id"]) for row, _ in window]
+            questions = tuple(row["question"] for row, _ in window)
+            batch = cached_tokens(tensors, index, seeds, grid, questions=questions, model=model)
             started = time.perf_counter()
             reduced = reducer(batch, budget, **reducer_hparams)
             seconds += time.perf_counter() - started
