@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from safetensors.torch import load, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ragged views (vtc.pipeline.encode.pack_views)
 
 
 def fingerprint(key: dict) -> str:

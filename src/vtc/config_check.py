@@ -119,9 +119,58 @@ def check_config(config: dict, schema: Path = SCHEMA, base: Path | None = None) 
     problems = check_plugins(config.get("plugins", []), base)
     if problems:  # methods cannot be checked without their plugins
         raise ConfigError(problems)
-    problems = check_methods(config) + check_datasets(config, base) + check_models(config, base)
+    fill_token_counts(config)
+    problems = check_methods(config) + check_method_models(config) + check_datasets(config, base)
+    problems += check_models(config, base)
     if problems:
         raise ConfigError(problems)
+
+
+# Visual tokens per image of a family whose count is fixed, where the entry leaves it unset (LLaVA-1.5's 24 × 24)
+FIXED_TOKEN_COUNTS = {"llava": 576}
+
+
+def fill_token_counts(config: dict) -> None:
+    for model in config["models"].values():
+        family = model.get("family", "llava")
+        if "num_visual_tokens" not in model and family in FIXED_TOKEN_COUNTS:
+            model["num_visual_tokens"] = FIXED_TOKEN_COUNTS[family]
+
+
+def check_method_models(config: dict) -> list[str]:
+    """Each method on each model: refused, naming both, where the model's family does not give the method what it
+    needs (`PROVIDES` of `vtc.models.<family>`): the vision tower for an encoder-stage method (ToMe), the pruning
+    decoder loop for an in-LLM one; and the saliency study, which records LLaVA-1.5's attention."""
+    from vtc.methods import available_methods, method_entry, method_stage
+    from vtc.models import family
+
+    problems = []
+    for model_name, model in config["models"].items():
+        provides = family(model).PROVIDES
+        name_of_family = model.get("family", "llava")
+        if name_of_family != "llava" and "num_visual_tokens" in model:
+            problems.append(
+                f"config key 'models.{model_name}.num_visual_tokens': family {name_of_family!r} gives each image its "
+                "own number of tokens; leave it unset (`full` then runs at the ratio 1.0)"
+            )
+        for name, entry in config["methods"].items():
+            method = method_entry(name, entry)[0]
+            if method not in available_methods():
+                continue  # reported by check_methods
+            stage = method_stage(method)
+            if stage == "encoder" and not provides["encoder_methods"]:
+                reason = "merges inside the vision tower, which vtc runs for LLaVA-1.5's CLIP tower only"
+            elif stage == "llm" and not provides["in_llm"]:
+                reason = "prunes inside the language model, whose decoder loop (vtc.models.inllm) does not run it yet"
+            else:
+                continue
+            problems.append(f"config key 'methods.{name}': method {method!r} cannot run on model {model_name!r} "
+                            f"(family {name_of_family!r}): it {reason}")  # fmt: skip
+        saliency = config.get("saliency") or {}
+        if saliency.get("datasets") and name_of_family != "llava":
+            problems.append(f"config key 'saliency.datasets': the saliency study records LLaVA-1.5's attention; model "
+                            f"{model_name!r} is family {name_of_family!r} (set saliency.datasets: [])")  # fmt: skip
+    return problems
 
 
 def check_plugins(plugins: list[str], base: Path) -> list[str]:
@@ -177,10 +226,15 @@ def check_methods(config: dict) -> list[str]:
     for name, entry in config["methods"].items():
         if "budgets" in (entry or {}):
             budget_keys[f"methods.{name}.budgets"] = entry["budgets"]
+    for key, budgets in budget_keys.items():
+        for budget in budgets:
+            if isinstance(budget, float) and budget > 1:
+                problems.append(f"config key '{key}': {budget} is neither a count (write it without a point) nor a "
+                                "ratio in (0, 1]")  # fmt: skip
     for name, model in config["models"].items():
         for key, budgets in budget_keys.items():
             for budget in budgets:
-                if budget > model["num_visual_tokens"]:
+                if isinstance(budget, int) and "num_visual_tokens" in model and budget > model["num_visual_tokens"]:
                     problems.append(
                         f"config key '{key}': {budget} is above the {model['num_visual_tokens']} visual "
                         f"tokens of model {name!r} (models.{name}.num_visual_tokens)"

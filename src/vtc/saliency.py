@@ -24,10 +24,20 @@ from itertools import combinations
 
 import torch
 
-from vtc.models import llava
+from vtc.models import EncodedView, llava
 
 KINDS = ("last", "question")
 
+
+
+def single_views(tensors: dict, image_ids: list[str]) -> list[EncodedView]:
+    """Each image's one view from an encode shard; the saliency study reads LLaVA-1.5's single fixed grid."""
+    from vtc.pipeline.encode import shard_views
+
+    images = shard_views(tensors, len(image_ids))
+    if any(len(views) != 1 for views in images):
+        raise ValueError("the saliency study reads images of one view (LLaVA-1.5); this encode cache has several")
+    return [views[0] for views in images]
 
 def question_rows(tokenizer, prompts: list[str], texts: list[str], image_mask: torch.Tensor) -> torch.Tensor:
     """[B, L] bool: the positions of each row's question text (`texts[b]` as it appears in `prompts[b]`, the last
@@ -285,16 +295,17 @@ def record_dataset(
     for index, (shard_ids, tensors) in enumerate(store.shards()):
         if index % num_shards != shard:
             continue
+        views = single_views(tensors, shard_ids)
         pending = [(row, i) for i, image_id in enumerate(shard_ids) for row in by_image.get(image_id, [])]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             texts = [benchmark.prompt(row) for row, _ in batch]
             prompts = [llava.user_turn(processor, text) for text in texts]
-            visual = [tensors["projected"][i] for _, i in batch]
+            visual = [views[i].projected for _, i in batch]
             embeds, mask, image_mask = llava.splice_with_image_mask(model, processor.tokenizer, prompts, visual)
             question = question_rows(processor.tokenizer, prompts, texts, image_mask)
             recorded = record_batch(model, embeds, mask, image_mask, question, layers)
-            recorded["cls"] = torch.stack([tensors["cls_attention"][i].float().mean(dim=0) for _, i in batch])
+            recorded["cls"] = torch.stack([views[i].cls_attention.float().mean(dim=0) for _, i in batch])
             for name, value in recorded.items():
                 parts.setdefault(name, []).append(value.half().cpu())
             ids += [row["id"] for row, _ in batch]
@@ -302,7 +313,7 @@ def record_dataset(
     heads = model.config.text_config.num_attention_heads
     empty = {"last": (len(layers), -1), "question": (len(layers), -1), "head_share": (len(layers), heads),
              "head_entropy": (len(layers), heads), "cls": (-1,)}  # fmt: skip
-    num_patches = store.manifest.get("num_patches") or int(next(store.shards())[1]["projected"].shape[1])
+    num_patches = store.manifest["grid"][0] * store.manifest["grid"][1]
     tensors = {
         name: torch.cat(parts[name]) if name in parts else torch.zeros(0, *[num_patches if s == -1 else s for s in shape])
         for name, shape in empty.items()
@@ -667,7 +678,8 @@ def analyze(
     import polars as pl
 
     from vtc.benchmarks import read_common_parquet
-    from vtc.cache import Store, unpack_bool
+    from vtc.cache import Store
+    from vtc.pipeline.reduce import read_reduced
     from vtc.tracking import wandb_run
 
     started = time.perf_counter()
@@ -700,10 +712,10 @@ def analyze(
     for method, store_path in method_stores.items():
         store = Store.open(store_path)
         wanted = {info["image_ids"][i] for i in chosen}
-        for image_ids, tensors in store.shards():
-            for j, image_id in enumerate(image_ids):
+        for image_ids, images in read_reduced(store):
+            for image_id, image in zip(image_ids, images):
                 if image_id in wanted:
-                    kept[method, image_id] = kept_labels(unpack_bool(tensors["sources"][j], maps["cls"].shape[-1]))
+                    kept[method, image_id] = kept_labels(image.sources)
     files = []
     if chosen:
         from transformers import AutoProcessor
@@ -793,11 +805,12 @@ def oracle_accuracy(
     answers: dict = {setting: [] for setting in settings}
     started = time.perf_counter()
     for image_ids, tensors in Store.open(encoded).shards():
+        views = single_views(tensors, image_ids)
         pending = [(row_id, i) for i, image_id in enumerate(image_ids) for row_id in by_image.get(image_id, [])]
         for start in range(0, len(pending), batch_size):
             batch = pending[start : start + batch_size]
             prompts = [llava.user_turn(processor, benchmark.prompt(rows[row_id])) for row_id, _ in batch]
-            projected = [tensors["projected"][i] for _, i in batch]
+            projected = [views[i].projected for _, i in batch]
             for layer, budget in settings:
                 if layer is None:
                     generation = llava.generate_ids(model, processor, prompts, projected, benchmark.max_new_tokens)

@@ -146,11 +146,11 @@ def test_cdpruner_runs_per_question_through_the_pipeline(tiny_model_dir, shapes_
     generate finds by question id; two questions about one image may keep different tokens."""
     import json
 
-    from vtc.cache import Store, unpack_bool
+    from vtc.cache import Store
     from vtc.pipeline.encode import encode_dataset, expected_encode_key
     from vtc.pipeline.evaluate import generate_predictions
     from vtc.pipeline.prepare import prepare_dataset
-    from vtc.pipeline.reduce import reduce_dataset, reduce_questions
+    from vtc.pipeline.reduce import read_reduced, reduce_dataset, reduce_questions
 
     model_cfg = {"path": str(tiny_model_dir), "dtype": "float32", "device": "cpu", "attn_implementation": "sdpa"}
     dataset = tmp_path / "shapes.parquet"
@@ -175,9 +175,9 @@ def test_cdpruner_runs_per_question_through_the_pipeline(tiny_model_dir, shapes_
     assert all(json.loads(line)["prediction"] is not None for line in open(tmp_path / "p.jsonl"))
     # the same image asked two different questions: the relevance differs, so (here) do the kept tokens
     kept = {}
-    for ids, tensors in store.shards():
-        for i, question_id in enumerate(ids):
-            kept[question_id] = unpack_bool(tensors["sources"][i], 576).any(dim=0)
+    for ids, images in read_reduced(store):
+        for question_id, image in zip(ids, images):
+            kept[question_id] = image.sources.any(dim=0)
     image_of = {r["id"]: r["image_id"] for r in rows}
     shared = [q for q in kept if sum(image_of[p] == image_of[q] for p in kept) > 1]
     assert shared and any(not torch.equal(kept[p], kept[q]) for p in shared for q in shared

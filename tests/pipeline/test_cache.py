@@ -6,7 +6,7 @@ import torch
 from vtc.cache import CacheMismatch, Store, StoreWriter, pack_bool, unpack_bool
 from vtc.pipeline.encode import encode_dataset, expected_encode_key
 from vtc.pipeline.prepare import prepare_dataset
-from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder
+from vtc.pipeline.reduce import read_reduced, reduce_dataset, reduce_in_encoder
 
 
 def test_pack_roundtrip():
@@ -60,11 +60,11 @@ def test_encode_key_covers_model_dtype_and_preprocessing(encoded):
 def test_reduce_writes_k_tokens_and_sources(encoded):
     model_cfg, _, tmp_path = encoded
     manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "pool", 64, {}, 0, tmp_path / "r")
-    assert manifest["num_tokens"] == [64]
-    _, tensors = next(Store.open(tmp_path / "r").shards())
-    sources = unpack_bool(tensors["sources"], 576)
-    assert tensors["tokens"].shape[1:] == (64, 128) and sources.shape[1:] == (64, 576)
-    assert sources.sum(dim=(1, 2)).tolist() == [576] * len(sources)  # 3×3 windows partition the grid
+    assert manifest["num_tokens"] == [64] and manifest["tokens_per_image"] == {"mean": 64, "min": 64, "max": 64}
+    _, images = next(read_reduced(Store.open(tmp_path / "r")))
+    for image in images:
+        assert image.tokens.shape == (64, 128) and image.sources.shape == (64, 576) and image.views == [(24, 24, 64)]
+        assert image.sources.sum() == 576  # 3×3 windows partition the grid
     json.dumps(manifest)
 
 
@@ -79,20 +79,20 @@ def test_encoder_level_method_reduces_from_the_images(tiny_model_dir, shapes_dir
     prepare_dataset("shapes", str(shapes_dir), "test", None, None, 0, dataset)
     manifest = reduce_in_encoder(dataset, model_cfg, "tome", 128, {}, tmp_path / "tome", batch_size=4, shard_size=5)
     rows, first_row = dataset_images(dataset)
-    assert manifest["num_tokens"] == [128] and manifest["num_patches"] == 576
+    assert manifest["num_tokens"] == [128]
     assert manifest["num_images"] == manifest["vision_tower_images"] == len(first_row) == 11
     assert manifest["key"]["encode"] == expected_encode_key(model_cfg)
     store = Store.open(tmp_path / "tome", manifest["key"])
     assert store.image_ids == list(first_row) and [len(s["image_ids"]) for s in manifest["shards"]] == [5, 5, 1]
-    image_ids, tensors = next(store.shards())
-    sources = unpack_bool(tensors["sources"], 576)
-    assert tensors["tokens"].shape == (5, 128, 128) and sources.shape == (5, 128, 576)
+    image_ids, images = next(read_reduced(store))
+    tokens, sources = torch.stack([i.tokens for i in images]), torch.stack([i.sources for i in images])
+    assert tokens.shape == (5, 128, 128) and sources.shape == (5, 128, 576)
     assert torch.equal(sources.sum(dim=1), torch.ones(5, 576, dtype=torch.long))  # merged groups partition the grid
     # what the job wrote for an image is what the method gives on that image's pixels
     model, processor = llava.load_from_config(model_cfg)
     pixel_values = processor.image_processor([rows[first_row[image_ids[2]]]["image"].convert("RGB")], return_tensors="pt")
     alone = get_method("tome")(model, pixel_values["pixel_values"], 128)
-    torch.testing.assert_close(tensors["tokens"][2], alone.tokens[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(tokens[2], alone.tokens[0], rtol=0, atol=1e-5)
     assert torch.equal(sources[2], alone.sources[0])
 
     # `positions` is the pipeline's: in the key, never passed to the method (which would raise TypeError)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import torch
 
-from vtc.cache import Store, unpack_bool
-from vtc.pipeline.encode import encode_dataset
+from vtc.cache import Store
+from vtc.pipeline.encode import encode_dataset, shard_views
 from vtc.pipeline.prepare import prepare_dataset
-from vtc.pipeline.reduce import reduce_dataset
+from vtc.pipeline.reduce import read_reduced, reduce_dataset
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -21,8 +21,8 @@ def test_readme_plugin_example_runs_through_reduce(tmp_path, tiny_model_dir, sha
     prepare_dataset("shapes", str(shapes_dir), "test", None, 6, 0, tmp_path / "d.parquet")
     encode_dataset(tmp_path / "d.parquet", model_cfg, tmp_path / "encode", batch_size=8, shard_size=8)
     reduce_dataset(tmp_path / "encode", None, "keep_corners", 4, {"margin": 0}, 0, tmp_path / "r", plugins=[str(plugin)])
-    _, tensors = next(Store.open(tmp_path / "r").shards())
-    kept = unpack_bool(tensors["sources"], 576)[0].nonzero()[:, 1].tolist()
+    _, [image, *_] = next(read_reduced(Store.open(tmp_path / "r")))
+    kept = image.sources.nonzero()[:, 1].tolist()
     assert kept == [0, 23, 552, 575]  # the four corners of the 24×24 grid
-    _, encoded = next(Store.open(tmp_path / "encode").shards())
-    assert torch.equal(tensors["tokens"][0], encoded["projected"][0, kept])
+    ids, encoded = next(Store.open(tmp_path / "encode").shards())
+    assert torch.equal(image.tokens, shard_views(encoded, len(ids))[0][0].projected[kept])

@@ -45,7 +45,7 @@ def write_config(workdir: Path, model_dir: Path, **overrides) -> dict:
         ({"methods": {"sparsevlm": {}}}, "config key 'methods.sparsevlm.layers': sparsevlm: layers must be increasing"),
         ({"methods": {"s": {"method": "sparsevlm", "layers": [1, 2], "keep": [9, 30]}}}, "config key 'methods.s.keep'"),
         ({"methods": {"fastv": {}}}, "config key 'budgets': method 'fastv' cannot reach a layer average of 64"),
-        ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'integer'"),
+        ({"budgets": ["64"]}, "config key 'budgets.0': '64' is not of type 'number'"),
         ({"methods": {"full": {}, "pool": {"budgets": [600]}}}, "config key 'methods.pool.budgets': 600 is above the 576 visual tokens"),
         ({"methods": {"full": {}, "pool": {"budgets": []}}}, "config key 'methods.pool.budgets': [] should be non-empty"),
         ({"methods": {"full": {}, "cluster": {"iter": 3}}}, "config key 'methods.cluster.iter': method 'cluster' has no hyperparameter 'iter'"),

@@ -9,6 +9,7 @@ from vtc.config_check import check_config, check_files
 from vtc.methods import (
     HparamError,
     entry_budgets,
+    parse_budget,
     method_entry,
     method_stage,
     resolved_hparams,
@@ -34,16 +35,16 @@ wildcard_constraints:
     model="|".join(MODELS),
     dataset="|".join(DATASETS),
     method="|".join(METHODS),
-    budget=r"\d+",
+    budget=r"\d+|0\.\d+|1\.0",
     split="train|validation|test",
     shard=r"\d+",
 
 
 def budgets_for(method, model):
-    """`full` runs once, at the model's token count; every other method at each of its budgets (the entry's
-    `budgets`, else the study's)."""
+    """`full` runs once, at the model's token count (the ratio 1.0 for a family whose count varies per image); every
+    other method at each of its budgets (the entry's `budgets`, else the study's)."""
     if registered_method(method) == "full":
-        return [config["models"][model]["num_visual_tokens"]]
+        return [config["models"][model].get("num_visual_tokens", 1.0)]
     return entry_budgets(config["methods"][method], config["budgets"])
 
 
@@ -65,15 +66,19 @@ def check_in_llm_plans():
     jobs, which stop with the same message."""
     from vtc.models import inllm
 
+    from vtc.pipeline.reduce import image_budget
+
     in_llm = [name for name in METHODS if method_stage(registered_method(name)) == "llm"]
     for model_name, model in config["models"].items():
-        num_layers = language_model_layers(model) if in_llm else None
+        # a family whose count varies per image cannot run in-LLM methods (vtc.config_check.check_method_models)
+        fixed = "num_visual_tokens" in model
+        num_layers = language_model_layers(model) if in_llm and fixed else None
         for name in in_llm if num_layers else []:
             for budget in budgets_for(name, model_name):
                 try:
                     inllm.plan(
                         registered_method(name),
-                        budget,
+                        image_budget(budget, model["num_visual_tokens"]),
                         method_entry(name, config["methods"][name])[1],
                         num_layers,
                         model["num_visual_tokens"],
@@ -95,10 +100,13 @@ def get_metrics_files():
 
 
 def get_measured_files():
-    """One measured-cost benchmark per model, unless `efficiency.measure` is false."""
+    """One measured-cost benchmark per LLaVA-1.5 model (vtc.bench times that family), unless `efficiency.measure` is
+    false."""
     if not config["efficiency"]["measure"]:
         return []
-    return [f"results/efficiency/{model}/measured.json" for model in MODELS]
+    return [
+        f"results/efficiency/{model}/measured.json" for model in MODELS if config["models"][model]["family"] == "llava"
+    ]
 
 
 def get_final_outputs():
@@ -218,7 +226,7 @@ def run_info(wildcards):
         "dataset": wildcards.dataset,
         "method": wildcards.method,
         "registered_method": registered_method(wildcards.method),
-        "budget": int(wildcards.budget),
+        "budget": parse_budget(wildcards.budget),
         "seed": config["seed"],
         "hparams": get_method_hparams(wildcards),
     }

@@ -8,7 +8,7 @@ print(f"vtc: {__import__('vtc').__file__}", file=sys.stderr)
 
 import torch
 
-from vtc.methods import import_plugins, method_stage
+from vtc.methods import import_plugins, method_stage, parse_budget
 from vtc.pipeline.encode import expected_encode_key
 from vtc.pipeline.reduce import reduce_dataset, reduce_in_encoder, reduce_questions
 
@@ -16,7 +16,7 @@ torch.set_num_threads(snakemake.threads)
 import_plugins(snakemake.params.plugins)
 common = dict(
     method=snakemake.params.method,
-    budget=int(snakemake.wildcards.budget),
+    budget=parse_budget(snakemake.wildcards.budget),
     hparams=snakemake.params.hparams,
     out=Path(snakemake.output[0]),
     plugins=snakemake.params.plugins,

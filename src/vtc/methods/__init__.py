@@ -106,10 +106,13 @@ class Reduced:
 
     tokens:   [B, k, D] in the order they are fed to the LLM.
     sources:  [B, k, N] bool, sources[b, i, j] is True when output token i covers input patch j.
+    lengths:  [B] int64, only for a method that keeps its own count per image (PruMerge's adaptive selection): row b's
+              first lengths[b] tokens are its output, the rest padding (zero tokens, no sources); k = max(lengths).
     """
 
     tokens: torch.Tensor
     sources: torch.Tensor
+    lengths: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.tokens.shape[:2] != self.sources.shape[:2]:
@@ -405,6 +408,17 @@ def entry_budgets(entry: dict | None, budgets: list[int]) -> list[int]:
     encoder layer, so a tower with 3 layers before its feature layer cannot go below N/8).
     """
     return list((entry or {}).get("budgets", budgets))
+
+
+def parse_budget(text: str | int | float) -> int | float:
+    """A budget from a config or a path: a count (int, "64") or a ratio of each image's tokens (float in (0, 1],
+    "0.111")."""
+    if isinstance(text, int) or (isinstance(text, str) and text.isdigit()):
+        return int(text)
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(f"a budget is a token count (an integer) or a ratio in (0, 1], got {text!r}")
+    return value
 
 
 def available_methods() -> list[str]:

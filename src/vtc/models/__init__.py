@@ -41,3 +41,18 @@ class ReducedImage:
     tokens: torch.Tensor
     sources: torch.Tensor
     views: list[tuple[int, int, int]]
+
+
+# `models.<name>.family` → the module that loads, encodes and generates for that architecture
+FAMILIES = {"llava": "vtc.models.llava", "llava_next": "vtc.models.llava_next", "qwen2_5_vl": "vtc.models.qwen2_5_vl"}
+
+
+def family(model_cfg: dict):
+    """The module of a `models.<name>` entry's family (default "llava"): `load_from_config`, `encode_images`,
+    `user_turn`, `generate`, `decode`, `attention_implementation`, `encode_key_extras`, `vision_tower`, `PROVIDES`."""
+    import importlib
+
+    name = model_cfg.get("family", "llava")
+    if name not in FAMILIES:
+        raise ValueError(f"config key 'models.*.family': {name!r} is not one of {', '.join(FAMILIES)}")
+    return importlib.import_module(FAMILIES[name])

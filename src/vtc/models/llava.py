@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vtc.models import inllm
+from vtc.models import EncodedView, ReducedImage, inllm
+
+# What this family gives the methods: CLS attention of the feature layer; ToMe can run in its CLIP tower; the in-LLM
+# decoder loop (vtc.models.inllm) runs its Llama.
+PROVIDES = {"cls_attention": "cls", "encoder_methods": True, "in_llm": True}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -120,6 +124,36 @@ def encode(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> 
     )
 
 
+def vision_tower(model: LlavaForConditionalGeneration) -> torch.nn.Module:
+    return model.model.vision_tower
+
+
+def encode_key_extras(model_cfg: dict, processor, model_config) -> dict:
+    """What the cached tensors depend on besides `vtc.pipeline.encode.encode_key`'s common fields: nothing."""
+    return {}
+
+
+def encode_images(model: LlavaForConditionalGeneration, processor, images: list, model_cfg: dict) -> list[list[EncodedView]]:
+    """One view per image: its grid of N patches (`encode`)."""
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    encoded = encode(model, pixel_values)
+    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    return [
+        [EncodedView(encoded.projected[b], encoded.features[b], encoded.cls_attention[b], encoded.keys[b], (grid, grid))]
+        for b in range(len(images))
+    ]
+
+
+def generate(model, processor, prompts: list[str], images: list[ReducedImage], max_new_tokens: int, positions: str):
+    """Greedy answers with each image's reduced tokens spliced in at `positions` "renumbered" (`generate_ids`) or
+    "original" (`generate_ids_original_positions`)."""
+    visual = [image.tokens for image in images]
+    if positions == "original":
+        sources = [image.sources for image in images]
+        return generate_ids_original_positions(model, processor, prompts, visual, sources, max_new_tokens)
+    return generate_ids(model, processor, prompts, visual, max_new_tokens)
+
+
 def user_turn(processor, text: str) -> str:
     """The prompt string for one image and one question, through the model's own chat template."""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -183,12 +217,15 @@ class Generation:
     new_tokens [B]: tokens each row generated, its EOS included, padding excluded.
     pruned_sources [B, V, n] bool, only where the language model itself pruned: which of the n visual tokens it was
     given each of the V visual tokens of its last layers covers.
+    structural_tokens [B]: image tokens the model adds besides the reduced ones (LLaVA-NeXT's row-end newlines), None
+    where it adds none.
     """
 
     ids: torch.Tensor
     text_tokens: list[int]
     new_tokens: list[int]
     pruned_sources: torch.Tensor | None = None
+    structural_tokens: list[int] | None = None
 
 
 def generated_lengths(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:

@@ -94,13 +94,19 @@ def tidy(metrics_files: list[Path], measured: dict[str, dict] | None = None) -> 
                     **{k: result[k] for k in KEYS},
                     "tokens": visual_tokens(result),
                     "kept": visual_tokens_kept(result),
+                    # least and most visual tokens a question got (differ for images of different token counts)
+                    "tokens_min": result.get("visual_tokens_fed", {}).get("min", visual_tokens(result)),
+                    "tokens_max": result.get("visual_tokens_fed", {}).get("max", visual_tokens(result)),
                     "metric": metric,
                     "metric_rank": rank,
                     "value": float(value),
                     "n": n,
                 }
             )
-    table = pl.DataFrame(rows, schema_overrides={"budget": pl.Int64, "tokens": pl.Int64, "kept": pl.Int64})
+    # a study with budgets as ratios (of each image's tokens) has float budgets
+    budget_type = pl.Int64 if all(isinstance(row["budget"], int) for row in rows) else pl.Float64
+    types = {"budget": budget_type, "tokens": pl.Int64, "kept": pl.Int64, "tokens_min": pl.Float64, "tokens_max": pl.Float64}
+    table = pl.DataFrame(rows, schema_overrides=types)
     full = table.filter(pl.col("method") == "full").select("model", "dataset", "metric", full_value="value")
     return (
         table.join(full, on=["model", "dataset", "metric"], how="left")
@@ -118,6 +124,8 @@ def visual_tokens(result: dict) -> int:
     N and prunes inside the LLM), else the k it spliced (the same at every layer)."""
     if result.get("in_llm"):
         return round(result["in_llm"]["visual_tokens_layer_avg"])
+    if "visual_tokens_fed" in result:  # images of different token counts (or budgets as ratios): the mean
+        return round(result["visual_tokens_fed"]["mean"])
     return max(result["num_visual_tokens"])
 
 
@@ -168,10 +176,17 @@ def markdown(table: pl.DataFrame) -> str:
     return "\n\n".join(sections) + "\n"
 
 
+def budget_label(budget: int | float) -> str:
+    """A column header: "64 tokens" for a count, "11.1% of tokens" for a ratio of each image's tokens."""
+    if isinstance(budget, float) and budget <= 1.0:
+        return f"{budget:.1%} of tokens"
+    return f"{int(budget)} tokens"
+
+
 def _method_budget_table(part: pl.DataFrame) -> list[str]:
     """Markdown rows of one metric: `full` first, then each method (rows) at each budget (columns)."""
     budgets = sorted(part.filter(pl.col("method") != "full")["budget"].unique().to_list(), reverse=True)
-    lines = ["| method | " + " | ".join(f"{b} tokens" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    lines = ["| method | " + " | ".join(budget_label(b) for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
     full = part.filter(pl.col("method") == "full")
     if len(full):
         lines.append(
@@ -185,6 +200,9 @@ def _method_budget_table(part: pl.DataFrame) -> list[str]:
                 cells.append("–")
             elif run["kept"][0] != run["tokens"][0]:
                 cells.append(f"{run['value'][0]:.1f} (kept {run['kept'][0]}, avg {run['tokens'][0]})")
+            elif run["tokens_min"][0] != run["tokens_max"][0]:
+                low, high = round(run["tokens_min"][0]), round(run["tokens_max"][0])
+                cells.append(f"{run['value'][0]:.1f} ({run['tokens'][0]} tokens, {low}–{high})")
             else:
                 cells.append(f"{run['value'][0]:.1f}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")

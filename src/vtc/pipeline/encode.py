@@ -1,4 +1,11 @@
-"""`encode`: run the vision tower and projector once per image and cache what the methods need."""
+"""`encode`: run the vision tower and projector once per image and cache what the methods need.
+
+An image is one or more views (`vtc.models.EncodedView`: LLaVA-1.5 and Qwen2.5-VL one, LLaVA-NeXT its base view and
+its high-resolution view), each a grid of tokens whose size may differ from image to image. A shard stores the views
+of its images one after another: `projected` [T, D], `features` [T, C], `keys` [T, C] and `cls_attention` [T, heads]
+over the shard's T tokens, and `views` [V, 3] int64 (image index in the shard, h, w) in token order;
+`shard_views` reads them back.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +20,7 @@ from tqdm import tqdm
 
 from vtc.benchmarks import read_common_parquet
 from vtc.cache import FORMAT_VERSION, StoreWriter
-from vtc.models import llava
+from vtc.models import EncodedView, family
 
 
 def encode_key(model_cfg: dict, processor, model_config) -> dict:
@@ -30,6 +37,8 @@ def encode_key(model_cfg: dict, processor, model_config) -> dict:
         "vision_feature_select_strategy": model_config.vision_feature_select_strategy,
         "image_processor": processor.image_processor.to_dict(),
         "image_aspect_ratio": model_cfg.get("image_aspect_ratio", "crop"),
+        "family": model_cfg.get("family", "llava"),
+        **family(model_cfg).encode_key_extras(model_cfg, processor, model_config),
     }
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
@@ -77,37 +86,74 @@ def dataset_images(dataset: Path):
 
 
 def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, shard_size: int) -> dict:
-    model, processor = llava.load_from_config(model_cfg)
-    images_seen = 0
+    adapter = family(model_cfg)
+    model, processor = adapter.load_from_config(model_cfg)
+    tower_calls = images_seen = 0
 
-    def count_images(module, args, kwargs, output):
-        nonlocal images_seen
-        images_seen += (args[0] if args else kwargs["pixel_values"]).shape[0]
+    def count_calls(module, args, output):
+        nonlocal tower_calls
+        tower_calls += 1
 
-    model.model.vision_tower.register_forward_hook(count_images, with_kwargs=True)
+    adapter.vision_tower(model).register_forward_hook(count_calls)
     rows, first_row = dataset_images(dataset)
     image_ids = list(first_row)
     aspect_ratio = model_cfg.get("image_aspect_ratio", "crop")
     writer = StoreWriter(out, encode_key(model_cfg, processor, model.config), dataset=str(dataset))
     started = time.perf_counter()
+    grids, counts = set(), []
     progress = tqdm(total=len(image_ids), desc="encode", unit="img", mininterval=5)
     for shard_start in range(0, len(image_ids), shard_size):
         shard_ids = image_ids[shard_start : shard_start + shard_size]
-        parts: dict[str, list[torch.Tensor]] = {}
+        encoded: list[list[EncodedView]] = []
         for start in range(0, len(shard_ids), batch_size):
             batch_ids = shard_ids[start : start + batch_size]
             images = model_images([rows[first_row[i]]["image"] for i in batch_ids], processor, aspect_ratio)
-            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-            encoded = llava.encode(model, pixel_values)
-            for name, tensor in vars(encoded).items():
-                parts.setdefault(name, []).append(tensor.cpu())
+            encoded += adapter.encode_images(model, processor, images, model_cfg)
+            images_seen += len(images)
             progress.update(len(batch_ids))
-        writer.add(shard_ids, {name: torch.cat(tensors) for name, tensors in parts.items()})
+        writer.add(shard_ids, pack_views(encoded))
+        grids |= {view.grid for views in encoded for view in views}
+        counts += [sum(view.projected.shape[0] for view in views) for views in encoded]
     progress.close()
-    grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     return writer.close(
         num_images=len(image_ids),
-        vision_tower_images=images_seen,
-        grid=[grid, grid],
+        vision_tower_images=images_seen,  # each unique image once
+        vision_tower_calls=tower_calls,
+        # one grid for every view (LLaVA-1.5): its (h, w); else None, and each view has its own (`views`)
+        grid=list(grids.pop()) if len(grids) == 1 else None,
+        tokens_per_image={"mean": sum(counts) / max(len(counts), 1), "min": min(counts, default=0),
+                          "max": max(counts, default=0)},  # fmt: skip
         seconds=time.perf_counter() - started,
     )
+
+
+def pack_views(encoded: list[list[EncodedView]]) -> dict[str, torch.Tensor]:
+    """The views of a shard's images as one store shard (see the module docstring)."""
+    views = [(image, view) for image, image_views in enumerate(encoded) for view in image_views]
+    return {
+        "projected": torch.cat([v.projected.cpu() for _, v in views]),
+        "features": torch.cat([v.features.cpu() for _, v in views]),
+        "cls_attention": torch.cat([v.cls_attention.cpu().T for _, v in views]),
+        "keys": torch.cat([v.keys.cpu() for _, v in views]),
+        "views": torch.tensor([[image, *v.grid] for image, v in views], dtype=torch.int64).view(-1, 3),
+    }
+
+
+def shard_views(tensors: dict[str, torch.Tensor], num_images: int) -> list[list[EncodedView]]:
+    """The views of each of a shard's `num_images` images, as `pack_views` stored them (tensors in their stored
+    dtype)."""
+    images: list[list[EncodedView]] = [[] for _ in range(num_images)]
+    start = 0
+    for image, h, w in tensors["views"].tolist():
+        window = slice(start, start + h * w)
+        images[image].append(
+            EncodedView(
+                projected=tensors["projected"][window],
+                features=tensors["features"][window],
+                cls_attention=tensors["cls_attention"][window].T,
+                keys=tensors["keys"][window],
+                grid=(h, w),
+            )
+        )
+        start += h * w
+    return images

@@ -18,22 +18,25 @@ import torch
 from tqdm import tqdm
 
 from vtc.benchmarks import LMMS_EVAL_VERSION, get_benchmark, read_common_parquet
-from vtc.cache import Store, unpack_bool
+from vtc.cache import Store
 from vtc.methods import import_plugins, method_stage, resolved_hparams
-from vtc.models import inllm, llava
+from vtc.models import ReducedImage, family, inllm, llava
 from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.pipeline.prepare import rows_report_path
+from vtc.pipeline.reduce import image_budget, token_counts, unpack_reduced
 from vtc.tracking import wandb_run
 
 
 def _answers(
-    model, processor, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int, positions: str, plan
-):
-    """Yields (row, prediction, reduced-token sources, text tokens, generated tokens) for the rows of this shard,
-    one cache shard at a time. With an in-LLM method's `plan` (`vtc.models.inllm.plan`) the answers come from the
-    pruning decoder loop, and the sources are those of the visual tokens its last layers keep (so `target_recall`
-    scores what the method kept, not the N tokens it started from). Otherwise `positions` ("original" or
-    "renumbered") places the reduced tokens."""
+    model, processor, adapter, benchmark, rows, store: Store, batch_size: int, shard: int, num_shards: int,
+    positions: str, plan_for,
+):  # fmt: skip
+    """Yields (row, prediction, the row's `ReducedImage`, the sources of what its last LLM layers see, text tokens,
+    generated tokens, visual tokens fed) for the rows of this shard, one cache shard at a time. With an in-LLM method
+    (`plan_for(N)`, its `vtc.models.inllm.plan` for images of N tokens) the answers come from the pruning decoder loop,
+    and the sources are those of the visual tokens its last layers keep (so `target_recall` scores what the method
+    kept, not the N tokens it started from), and the visual tokens fed are the plan's layer average. Otherwise
+    `positions` ("original" or "renumbered") places the reduced tokens."""
     # a store of a method that reduces per question (stage "question") is keyed by question id, others by image id
     entry = "id" if store.manifest.get("entries") == "question" else "image_id"
     rows_by_image = defaultdict(list)
@@ -43,40 +46,64 @@ def _answers(
     if missing:
         what = "questions" if entry == "id" else "images"
         raise KeyError(f"{len(missing)} {what} of the dataset are not in {store.path}, e.g. {sorted(missing)[:3]}")
-    num_patches = store.manifest["num_patches"]
     for index, (image_ids, tensors) in enumerate(store.shards()):
         if index % num_shards != shard:
             continue
-        pending = [(row, i) for i, image_id in enumerate(image_ids) for row in rows_by_image.get(image_id, [])]
-        for start in range(0, len(pending), batch_size):
-            batch = pending[start : start + batch_size]
-            prompts = [llava.user_turn(processor, benchmark.prompt(row)) for row, _ in batch]
-            visual = [tensors["tokens"][i] for _, i in batch]
-            sources = [unpack_bool(tensors["sources"][i], num_patches) for _, i in batch]
-            if plan is not None:
-                generation = llava.generate_ids_pruned(model, processor, prompts, visual, benchmark.max_new_tokens, plan)
-            elif positions == "original":
-                generation = llava.generate_ids_original_positions(
-                    model, processor, prompts, visual, sources, benchmark.max_new_tokens
-                )
-            else:
-                generation = llava.generate_ids(model, processor, prompts, visual, benchmark.max_new_tokens)
-            if generation.pruned_sources is not None:
-                # [V, n] over the tokens the LLM got, [n, N] from those to patches: [V, N] over patches
-                sources = [(kept.float() @ given.float()) > 0 for kept, given in zip(generation.pruned_sources, sources)]
-            predictions = llava.decode(processor, generation.ids)
-            for (row, _), prediction, row_sources, text_tokens, new_tokens in zip(
-                batch, predictions, sources, generation.text_tokens, generation.new_tokens
-            ):
-                yield row, prediction, row_sources, text_tokens, new_tokens
+        images = unpack_reduced(tensors, len(image_ids))
+        pending = [(row, images[i]) for i, image_id in enumerate(image_ids) for row in rows_by_image.get(image_id, [])]
+        # the pruning loop takes a batch of images of one token count at a time
+        groups = defaultdict(list)
+        for item in pending:
+            groups[item[1].sources.shape[1] if plan_for is not None else None].append(item)
+        for group in groups.values():
+            for start in range(0, len(group), batch_size):
+                batch = group[start : start + batch_size]
+                yield from _answer_batch(model, processor, adapter, benchmark, batch, positions, plan_for)
 
 
-def target_recall(sources: torch.Tensor, meta: dict) -> float | None:
-    """Fraction of the patches of the objects a question refers to that some kept token covers."""
+def _answer_batch(model, processor, adapter, benchmark, batch, positions, plan_for):
+    prompts = [adapter.user_turn(processor, benchmark.prompt(row)) for row, _ in batch]
+    images = [image for _, image in batch]
+    sources = [image.sources for image in images]
+    if plan_for is not None:
+        plan = plan_for(images[0].sources.shape[1])
+        visual = [image.tokens for image in images]
+        generation = llava.generate_ids_pruned(model, processor, prompts, visual, benchmark.max_new_tokens, plan)
+        # [V, n] over the tokens the LLM got, [n, N] from those to patches: [V, N] over patches
+        sources = [(kept.float() @ given.float()) > 0 for kept, given in zip(generation.pruned_sources, sources)]
+        fed = [plan.layer_average] * len(batch)
+    else:
+        generation = adapter.generate(model, processor, prompts, images, benchmark.max_new_tokens, positions)
+        structural = generation.structural_tokens or [0] * len(batch)
+        fed = [image.tokens.shape[0] + extra for image, extra in zip(images, structural)]
+    predictions = adapter.decode(processor, generation.ids)
+    for row, prediction, image, row_sources, text_tokens, new_tokens, row_fed in zip(
+        [row for row, _ in batch], predictions, images, sources, generation.text_tokens, generation.new_tokens, fed
+    ):
+        yield row, prediction, image, row_sources, text_tokens, new_tokens, row_fed
+
+
+def target_recall(image: ReducedImage, sources: torch.Tensor, meta: dict) -> float | None:
+    """Fraction of the patches of the objects a question refers to that some kept token covers.
+
+    `meta["target_patches"]` index the testbed's own patch grid (`vtc.data.shapes.GRID` squared). A model whose view
+    has another grid (Qwen2.5-VL's merged tokens, LLaVA-NeXT's views) covers a testbed patch where the view's cell
+    under that patch's centre is covered; each view shows the whole image, and a patch counts once any view covers
+    it. sources: [k, N] over the image's N input tokens, views in order (`image.views`)."""
+    from vtc.data.shapes import GRID
+
     targets = meta.get("target_patches")
     if not targets:
         return None
-    return sources.any(dim=0)[targets].float().mean().item()
+    covered = sources.any(dim=0)
+    rows, cols = torch.tensor(targets) // GRID, torch.tensor(targets) % GRID
+    hit = torch.zeros(len(targets), dtype=torch.bool)
+    offset = 0
+    for h, w, _ in image.views:
+        cells = ((rows * h) // GRID) * w + (cols * w) // GRID if (h, w) != (GRID, GRID) else rows * w + cols
+        hit |= covered[offset + cells]
+        offset += h * w
+    return hit.float().mean().item()
 
 
 def in_llm_record(plan) -> dict:
@@ -129,40 +156,53 @@ def generate_predictions(
     decoder layer processes and their layer average."""
     benchmark = get_benchmark(benchmark_name)
     store = Store.open(reduced)
-    model, processor = llava.load_from_config(model_cfg)
+    adapter = family(model_cfg)
     import_plugins(list(plugins))
     key = store.manifest["key"]
     positions = resolved_hparams(key["method"], key["hparams"])["positions"]
-    plan = None
-    if method_stage(key["method"]) == "llm":
-        plan = inllm.plan(
-            key["method"],
-            key["budget"],
-            key["hparams"],
-            model.config.text_config.num_hidden_layers,
-            store.manifest["num_patches"],
-        )
+    if method_stage(key["method"]) == "llm" and not adapter.PROVIDES["in_llm"]:
+        raise ValueError(f"method {key['method']!r} prunes inside the language model, which the decoder loop does not "
+                         f"support for model family {model_cfg.get('family', 'llava')!r} yet (see README, Methods)")  # fmt: skip
+    model, processor = adapter.load_from_config(model_cfg)
+    plans: dict[int, inllm.Plan] = {}
+
+    def plan_for(num_tokens: int) -> inllm.Plan:
+        if num_tokens not in plans:
+            if plans:  # metrics.json records one plan per run
+                raise ValueError(f"in-LLM pruning of images with different token counts ({sorted(plans)} and "
+                                 f"{num_tokens}) is not supported")  # fmt: skip
+            budget = image_budget(key["budget"], num_tokens)
+            layers = model.config.text_config.num_hidden_layers
+            plans[num_tokens] = inllm.plan(key["method"], budget, key["hparams"], layers, num_tokens)
+        return plans[num_tokens]
+
     vision_tower_calls = 0
 
     def count_calls(module, args, output):
         nonlocal vision_tower_calls
         vision_tower_calls += 1
 
-    model.model.vision_tower.register_forward_hook(count_calls)
+    adapter.vision_tower(model).register_forward_hook(count_calls)
     rows = list(read_common_parquet(dataset).remove_columns("image"))
     started = time.perf_counter()
     predictions_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
     count = text_tokens = new_tokens = 0
-    answers = _answers(model, processor, benchmark, rows, store, batch_size, shard, num_shards, positions, plan)
+    fed_tokens: list[float] = []
+    in_llm = plan_for if method_stage(key["method"]) == "llm" else None
+    answers = _answers(
+        model, processor, adapter, benchmark, rows, store, batch_size, shard, num_shards, positions, in_llm
+    )
     with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
-        for row, prediction, sources, row_text_tokens, row_new_tokens in answers:
+        for row, prediction, image, sources, row_text_tokens, row_new_tokens, row_fed in answers:
             meta = json.loads(row["meta"] or "{}")
             record = {k: v for k, v in row.items() if k != "meta"}
-            out.write(json.dumps({**record, "prediction": prediction, "target_recall": target_recall(sources, meta)}) + "\n")
+            recall = target_recall(image, sources, meta)
+            out.write(json.dumps({**record, "prediction": prediction, "target_recall": recall}) + "\n")
             count += 1
             text_tokens += row_text_tokens
             new_tokens += row_new_tokens
+            fed_tokens.append(row_fed)
             progress.update()
     os.replace(tmp, predictions_path)  # only complete shards ever carry the final name
     stats = {
@@ -171,9 +211,12 @@ def generate_predictions(
         "seconds": time.perf_counter() - started,
         "text_tokens": text_tokens,  # summed over the shard's questions, as the cost model counts them
         "new_tokens": new_tokens,
-        "attn_implementation": llava.attention_implementation(model),
+        # visual tokens the LLM got per question (an in-LLM method: its layer average), summed, least and most
+        "visual_tokens": {"sum": sum(fed_tokens), "min": min(fed_tokens, default=0), "max": max(fed_tokens, default=0)},
+        "attn_implementation": adapter.attention_implementation(model),
         "positions": positions,
     }
+    plan = next(iter(plans.values()), None)
     if plan is not None:
         stats["in_llm"] = in_llm_record(plan)
     stats_path.write_text(json.dumps(stats))
@@ -213,8 +256,14 @@ def evaluate(
         metrics["target_recall"] = 100 * sum(recalls) / len(recalls)
     attn_implementation = _agreed(stats, "attn_implementation")
     positions = _agreed(stats, "positions")
-    visual_tokens = max(store.manifest["num_tokens"])  # one k per run: the store holds one [images, k, D] tensor
     in_llm = _in_llm(stats)
+    fed = {
+        "mean": sum(s["visual_tokens"]["sum"] for s in stats) / len(records),
+        "min": min(s["visual_tokens"]["min"] for s in stats if s["n"]),
+        "max": max(s["visual_tokens"]["max"] for s in stats if s["n"]),
+    }
+    # the cost model takes the tokens spliced in (an in-LLM method: all N, its plan gives the per-layer counts)
+    visual_tokens = max(store.manifest["num_tokens"]) if in_llm else round(fed["mean"])
     run_cost = predicted_cost(
         text_config(model_cfg),
         model_cfg["dtype"],
@@ -231,6 +280,8 @@ def evaluate(
         "lmms_eval_version": LMMS_EVAL_VERSION,
         "n": len(records),
         "num_visual_tokens": store.manifest["num_tokens"],
+        # per question, the visual tokens the LLM got (an in-LLM method: its layer average), structural ones included
+        "visual_tokens_fed": fed,
         "metrics": metrics,
         "vision_tower_calls": sum(s["vision_tower_calls"] for s in stats),
         "reduce_seconds": store.manifest["reduce_seconds"],

@@ -4,9 +4,19 @@ A "tokens" method (most of them) reduces the encode cache (`reduce_dataset`); a 
 per question, with the question's text (`reduce_questions`). An "encoder" method (ToMe) changes
 the vision tower itself, so `reduce_in_encoder` loads the model and the dataset's images and runs the method on
 the pixels. An "llm" method (FastV, DART) prunes inside the language model: its reduce is the identity (`full`'s N
-tokens, keyed by the method, budget and hyperparameters) and `generate` prunes. Both write the same store: per image the k tokens [k, D] and their sources (packed [k, N] bools), and a
-manifest with num_images, num_patches, num_tokens and reduce_seconds, which is all `generate` reads. The `positions`
-hyperparameter is in the key for `generate`, which places the tokens; no method function receives it.
+tokens, keyed by the method, budget and hyperparameters) and `generate` prunes.
+
+Images may differ in token count (Qwen2.5-VL's dynamic resolution) and have several views (LLaVA-NeXT's base and
+high-resolution views, `vtc.models.EncodedView`). A method is a function of a dense batch, so `reduce_images` groups
+the views of equal grid and equal budget into batches: every view is reduced exactly as it would be alone (methods are
+tested batched == one at a time). A budget is a count (an int: that many tokens per image, or all of a smaller image's)
+or a ratio (a float in (0, 1]: that share of each image's tokens, `image_budget`); an image's budget is split over its
+views in proportion to their tokens (`split_budget`).
+
+All write the same store (`pack_reduced`): per image its reduced tokens, their sources (packed bools over the image's
+N input tokens) and its views, and a manifest with num_images, the token counts and reduce_seconds, which is all
+`generate` reads. The `positions` hyperparameter is in the key for `generate`, which places the tokens; no method
+function receives it.
 """
 
 from __future__ import annotations
@@ -16,30 +26,171 @@ from pathlib import Path
 
 import torch
 
-from vtc.cache import Store, StoreWriter, pack_bool
-from vtc.methods import VisualTokens, get_method, import_plugins, method_stage, split_positions
-from vtc.models import llava
-from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images
+from vtc.cache import Store, StoreWriter, pack_bool, unpack_bool
+from vtc.methods import (
+    Reduced,
+    VisualTokens,
+    get_method,
+    import_plugins,
+    method_stage,
+    split_positions,
+)
+from vtc.models import EncodedView, ReducedImage, family
+from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images, shard_views
 
 
-def cached_tokens(tensors: dict, rows, seeds: list[int], grid: tuple[int, int], **extra) -> VisualTokens:
-    """The rows `rows` (a slice or an index tensor) of an encode shard's tensors as a float32 batch for a method."""
+def image_budget(budget: int | float, num_tokens: int) -> int:
+    """Tokens kept of an image of `num_tokens`: a count (at most the image's tokens), or a ratio's share, rounded half
+    up and at least 1."""
+    if isinstance(budget, float):
+        return min(num_tokens, max(1, int(budget * num_tokens + 0.5)))
+    return min(budget, num_tokens)
+
+
+def split_budget(budget: int, sizes: list[int]) -> list[int]:
+    """`budget` tokens split over views of `sizes` tokens in proportion to their size (largest remainders, ties to the
+    earlier view), each at most its size and at least 1 where the budget allows."""
+    total = sum(sizes)
+    shares = [budget * size / total for size in sizes]
+    counts = [int(share) for share in shares]
+    order = sorted(range(len(sizes)), key=lambda v: (-(shares[v] - counts[v]), v))
+    for view in order[: budget - sum(counts)]:
+        counts[view] += 1
+    for view in range(len(sizes)):  # a view with no token yet takes one from the largest, where the budget allows
+        if counts[view] == 0 and budget >= len(sizes):
+            counts[max(range(len(sizes)), key=lambda v: counts[v])] -= 1
+            counts[view] = 1
+    return counts
+
+
+def view_batch(views: list[EncodedView], seeds: list[int], **extra) -> VisualTokens:
+    """Views of one grid as a float32 batch for a method."""
     return VisualTokens(
-        projected=tensors["projected"][rows].float(),
-        features=tensors["features"][rows].float(),
-        cls_attention=tensors["cls_attention"][rows].float(),
-        keys=tensors["keys"][rows].float(),
+        projected=torch.stack([v.projected for v in views]).float(),
+        features=torch.stack([v.features for v in views]).float(),
+        cls_attention=torch.stack([v.cls_attention for v in views]).float(),
+        keys=torch.stack([v.keys for v in views]).float(),
         seeds=torch.tensor(seeds),
-        grid=grid,
+        grid=views[0].grid,
         **extra,
     )
+
+
+def view_seed(seed: int, image_id: str, view: int) -> int:
+    """One seed per view: the image's own for its first view (an image of one view, as LLaVA-1.5's, keeps the seed it
+    always had), a derived one for the others."""
+    return image_seed(seed, image_id if view == 0 else f"{image_id}#view{view}")
+
+
+def reduce_images(
+    images: list[list[EncodedView]],
+    seeds: list[list[int]],
+    reducer,
+    budget: int | float,
+    batch_size: int,
+    questions: list[str] | None = None,
+    model: dict | None = None,
+) -> tuple[list[ReducedImage], float]:
+    """Each image's views reduced by `reducer(batch, keep)` at the image's share of `budget`, in batches of views of one grid and one
+    budget (`batch_size` at most); (the reduced images, seconds spent in the method). `questions` (one per image) and
+    `model` go to a method of stage "question" (`VisualTokens.questions`, `.model`)."""
+    counts = []
+    for views in images:
+        sizes = [v.projected.shape[0] for v in views]
+        counts.append(split_budget(image_budget(budget, sum(sizes)), sizes))
+    buckets: dict[tuple, list[tuple[int, int]]] = {}
+    for i, views in enumerate(images):
+        for v, view in enumerate(views):
+            buckets.setdefault((view.grid, counts[i][v]), []).append((i, v))
+    results: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    seconds = 0.0
+    for (_, keep), members in buckets.items():
+        for start in range(0, len(members), batch_size):
+            window = members[start : start + batch_size]
+            extra = {}
+            if questions is not None:
+                extra = {"questions": tuple(questions[i] for i, _ in window), "model": model}
+            batch = view_batch([images[i][v] for i, v in window], [seeds[i][v] for i, v in window], **extra)
+            started = time.perf_counter()
+            reduced = reducer(batch, keep)
+            seconds += time.perf_counter() - started
+            for row, (tokens, sources) in enumerate(reduced_rows(reduced)):
+                results[window[row]] = (tokens, sources)
+    return [assemble(views, [results[i, v] for v in range(len(views))]) for i, views in enumerate(images)], seconds
+
+
+def reduced_rows(reduced: Reduced) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row (tokens [k_b, D], sources [k_b, n]): the first `lengths[b]` of a method that keeps its own count per
+    image (PruMerge's adaptive selection), else all k."""
+    lengths = reduced.lengths.tolist() if reduced.lengths is not None else [reduced.tokens.shape[1]] * len(reduced.tokens)
+    return [(reduced.tokens[b, :k], reduced.sources[b, :k]) for b, k in enumerate(lengths)]
+
+
+def assemble(views: list[EncodedView], parts: list[tuple[torch.Tensor, torch.Tensor]]) -> ReducedImage:
+    """One image's reduced views in view order, each view's sources placed at its tokens' offset in the image's N."""
+    total = sum(v.projected.shape[0] for v in views)
+    sources, offset = [], 0
+    for view, (_, view_sources) in zip(views, parts):
+        placed = torch.zeros(view_sources.shape[0], total, dtype=torch.bool)
+        placed[:, offset : offset + view_sources.shape[1]] = view_sources.cpu()
+        sources.append(placed)
+        offset += view_sources.shape[1]
+    return ReducedImage(
+        tokens=torch.cat([tokens.cpu() for tokens, _ in parts]),
+        sources=torch.cat(sources),
+        views=[(*view.grid, tokens.shape[0]) for view, (tokens, _) in zip(views, parts)],
+    )
+
+
+def pack_reduced(images: list[ReducedImage], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A shard of reduced images: `tokens` [Σk, D], `sources` [Σk, ⌈N_max/8⌉] packed bools (row i over its image's N,
+    zero beyond), `views` [V, 4] int64 (image index, h, w, k_v) in token order."""
+    width = max(image.sources.shape[1] for image in images)
+    sources = [torch.nn.functional.pad(image.sources, (0, width - image.sources.shape[1])) for image in images]
+    views = [[i, *view] for i, image in enumerate(images) for view in image.views]
+    return {
+        "tokens": torch.cat([image.tokens for image in images]).to(dtype),
+        "sources": pack_bool(torch.cat(sources)),
+        "views": torch.tensor(views, dtype=torch.int64).view(-1, 4),
+    }
+
+
+def unpack_reduced(tensors: dict[str, torch.Tensor], num_images: int) -> list[ReducedImage]:
+    """The reduced images of a shard `pack_reduced` wrote."""
+    per_image: list[list[list[int]]] = [[] for _ in range(num_images)]
+    for image, h, w, k in tensors["views"].tolist():
+        per_image[image].append([h, w, k])
+    images, start = [], 0
+    for views in per_image:
+        k, n = sum(v[2] for v in views), sum(v[0] * v[1] for v in views)
+        window = slice(start, start + k)
+        images.append(
+            ReducedImage(
+                tokens=tensors["tokens"][window],
+                sources=unpack_bool(tensors["sources"][window], n) if k else torch.zeros(0, n, dtype=torch.bool),
+                views=[tuple(v) for v in views],
+            )
+        )
+        start += k
+    return images
+
+
+def read_reduced(store: Store):
+    """Yields (entry ids, their `ReducedImage`s) per shard of a reduced store."""
+    for ids, tensors in store.shards():
+        yield ids, unpack_reduced(tensors, len(ids))
+
+
+def token_counts(counts: list[int]) -> dict:
+    """mean, min, max of the visual tokens per image (or per question) of a store."""
+    return {"mean": sum(counts) / max(len(counts), 1), "min": min(counts, default=0), "max": max(counts, default=0)}
 
 
 def reduce_dataset(
     encoded: Path,
     expected_key: dict | None,
     method: str,
-    budget: int,
+    budget: int | float,
     hparams: dict,
     seed: int,
     out: Path,
@@ -54,31 +205,27 @@ def reduce_dataset(
         raise ValueError(f"method {method!r} reduces per question: reduce it with reduce_questions")
     # A method that prunes inside the language model sees all N tokens here; it prunes when the answers are generated,
     # so its hyperparameters are for `vtc.models.inllm.plan` (kept in the key), not for `full`.
-    reducer = get_method("full" if stage == "llm" else method)
+    function = get_method("full" if stage == "llm" else method)
     reducer_hparams = {} if stage == "llm" else split_positions(hparams)[1]
     store = Store.open(encoded, expected_key)
-    grid = tuple(store.manifest["grid"])
     key = {"encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed}
     writer = StoreWriter(out, key)
     seconds = 0.0
-    num_tokens = set()
+    counts = []
     for image_ids, tensors in store.shards():
-        tokens, sources = [], []
-        for start in range(0, len(image_ids), batch_size):
-            window = slice(start, start + batch_size)
-            seeds = [image_seed(seed, i) for i in image_ids[window]]
-            batch = cached_tokens(tensors, window, seeds, grid)
-            started = time.perf_counter()
-            reduced = reducer(batch, budget, **reducer_hparams)
-            seconds += time.perf_counter() - started
-            tokens.append(reduced.tokens.to(tensors["projected"].dtype))
-            sources.append(pack_bool(reduced.sources))
-            num_tokens.add(reduced.tokens.shape[1])
-        writer.add(image_ids, {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
+        images = shard_views(tensors, len(image_ids))
+        seeds = [[view_seed(seed, image_id, v) for v in range(len(views))] for image_id, views in zip(image_ids, images)]
+        reduced, spent = reduce_images(
+            images, seeds, lambda batch, keep: function(batch, keep, **reducer_hparams), 1.0 if stage == "llm" else budget,
+            batch_size,
+        )  # fmt: skip
+        seconds += spent
+        counts += [image.tokens.shape[0] for image in reduced]
+        writer.add(image_ids, pack_reduced(reduced, tensors["projected"].dtype))
     return writer.close(
         num_images=len(store.image_ids),
-        num_patches=grid[0] * grid[1],
-        num_tokens=sorted(num_tokens),
+        num_tokens=sorted(set(counts)),
+        tokens_per_image=token_counts(counts),
         reduce_seconds=seconds,
     )
 
@@ -89,7 +236,7 @@ def reduce_questions(
     dataset: Path,
     model_cfg: dict,
     method: str,
-    budget: int,
+    budget: int | float,
     hparams: dict,
     seed: int,
     out: Path,
@@ -118,7 +265,6 @@ def reduce_questions(
     missing = set(by_image) - set(store.image_ids)
     if missing:
         raise KeyError(f"{len(missing)} images of {dataset} are not in {encoded}, e.g. {sorted(missing)[:3]}")
-    grid = tuple(store.manifest["grid"])
     key = {
         "encode": store.manifest["fingerprint"], "method": method, "budget": budget, "hparams": hparams, "seed": seed,
         "dataset": str(dataset),
@@ -126,30 +272,27 @@ def reduce_questions(
     writer = StoreWriter(out, key, entries="question")
     model = {"path": model_cfg["path"], "revision": model_cfg.get("revision")}
     seconds = 0.0
-    num_tokens = set()
+    counts = []
     for image_ids, tensors in store.shards():
         pending = [(row, i) for i, image_id in enumerate(image_ids) for row in by_image.get(image_id, [])]
         if not pending:
             continue
-        tokens, sources = [], []
-        for start in range(0, len(pending), batch_size):
-            window = pending[start : start + batch_size]
-            index = torch.tensor([i for _, i in window])
-            seeds = [image_seed(seed, row["image_id"]) for row, _ in window]
-            questions = tuple(row["question"] for row, _ in window)
-            batch = cached_tokens(tensors, index, seeds, grid, questions=questions, model=model)
-            started = time.perf_counter()
-            reduced = reducer(batch, budget, **reducer_hparams)
-            seconds += time.perf_counter() - started
-            tokens.append(reduced.tokens.to(tensors["projected"].dtype))
-            sources.append(pack_bool(reduced.sources))
-            num_tokens.add(reduced.tokens.shape[1])
-        writer.add([row["id"] for row, _ in pending], {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
+        images = shard_views(tensors, len(image_ids))
+        rows_images = [images[i] for _, i in pending]
+        seeds = [[view_seed(seed, row["image_id"], v) for v in range(len(images[i]))] for row, i in pending]
+        questions = [row["question"] for row, _ in pending]
+        reduced, spent = reduce_images(
+            rows_images, seeds, lambda batch, keep: reducer(batch, keep, **reducer_hparams), budget, batch_size,
+            questions=questions, model=model,
+        )  # fmt: skip
+        seconds += spent
+        counts += [image.tokens.shape[0] for image in reduced]
+        writer.add([row["id"] for row, _ in pending], pack_reduced(reduced, tensors["projected"].dtype))
     return writer.close(
         num_images=len(store.image_ids),
         num_questions=len(rows),
-        num_patches=grid[0] * grid[1],
-        num_tokens=sorted(num_tokens),
+        num_tokens=sorted(set(counts)),
+        tokens_per_image=token_counts(counts),
         reduce_seconds=seconds,
     )
 
@@ -177,7 +320,11 @@ def reduce_in_encoder(
     if method_stage(method) != "encoder":
         raise ValueError(f"method {method!r} reduces the encode cache: reduce it with reduce_dataset")
     reducer_hparams = split_positions(hparams)[1]
-    model, processor = llava.load_from_config(model_cfg)
+    adapter = family(model_cfg)
+    if not adapter.PROVIDES["encoder_methods"]:
+        raise ValueError(f"method {method!r} runs inside the vision tower, which model family "
+                         f"{model_cfg.get('family', 'llava')!r} does not support (see README, Methods)")  # fmt: skip
+    model, processor = adapter.load_from_config(model_cfg)
     rows, first_row = dataset_images(dataset)
     image_ids = list(first_row)
     aspect_ratio = model_cfg.get("image_aspect_ratio", "crop")
@@ -190,28 +337,27 @@ def reduce_in_encoder(
     writer = StoreWriter(out, key, stage="encoder", dataset=str(dataset))
     grid = model.config.vision_config.image_size // model.config.vision_config.patch_size
     seconds = 0.0
-    num_tokens = set()
+    counts = []
     for shard_start in range(0, len(image_ids), shard_size):
         shard_ids = image_ids[shard_start : shard_start + shard_size]
-        tokens, sources = [], []
+        reduced: list[ReducedImage] = []
         for start in range(0, len(shard_ids), batch_size):
             images = [rows[first_row[i]]["image"] for i in shard_ids[start : start + batch_size]]
             images = model_images(images, processor, aspect_ratio)
             pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
             started = time.perf_counter()
-            reduced = reducer(model, pixel_values, budget, **reducer_hparams)
-            if reduced.tokens.is_cuda:
-                torch.cuda.synchronize(reduced.tokens.device)  # the clock reads finished work
+            output = reducer(model, pixel_values, image_budget(budget, grid * grid), **reducer_hparams)
+            if output.tokens.is_cuda:
+                torch.cuda.synchronize(output.tokens.device)  # the clock reads finished work
             seconds += time.perf_counter() - started
-            tokens.append(reduced.tokens.cpu())
-            sources.append(pack_bool(reduced.sources))
-            num_tokens.add(reduced.tokens.shape[1])
-        writer.add(shard_ids, {"tokens": torch.cat(tokens), "sources": torch.cat(sources)})
+            for tokens, sources in reduced_rows(output):
+                reduced.append(ReducedImage(tokens.cpu(), sources.cpu(), [(grid, grid, tokens.shape[0])]))
+        counts += [image.tokens.shape[0] for image in reduced]
+        writer.add(shard_ids, pack_reduced(reduced, reduced[0].tokens.dtype))
     return writer.close(
         num_images=len(image_ids),
-        num_patches=grid * grid,
-        num_tokens=sorted(num_tokens),
+        num_tokens=sorted(set(counts)),
+        tokens_per_image=token_counts(counts),
         reduce_seconds=seconds,
-        grid=[grid, grid],
         vision_tower_images=len(image_ids),
     )
