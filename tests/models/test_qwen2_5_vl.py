@@ -152,14 +152,16 @@ def test_mean_received_equals_eager_attention_of_last_block(qwen_loaded, monkeyp
 
     visual = model.model.visual
     monkeypatch.setattr(modeling, "eager_attention_forward", recording)
+    implementation = visual.config._attn_implementation
     visual.config._attn_implementation = "eager"
     try:
         pixels = processor.image_processor(images=images, return_tensors="pt")
         grid = pixels["image_grid_thw"]
         visual(pixels["pixel_values"], grid_thw=grid)
     finally:
-        visual.config._attn_implementation = "sdpa"
+        visual.config._attn_implementation = implementation
     last = weights[-len(images) :]  # the last block attends per image: one call each, in image order
+    assert [a.shape[-1] for a in last] == [4 * v[0].projected.shape[0] for v in views]
     window_index, _ = get_vision_window_index(grid, 2, visual.window_size, visual.patch_size)
     offset = 0
     for (view,), attention in zip(views, last):
@@ -271,3 +273,24 @@ def test_resolution_bounds_reach_the_image_processor_and_the_key(tiny_qwen_dir):
     assert extras["max_pixels"] == 14 * 14 * 16 and extras["cls_attention"] == "mean_received"
     json.dumps(extras)
     assert qwen.vision_tower(model) is model.model.visual and qwen.attention_implementation(model) == "sdpa"
+
+
+def test_prompt_is_lmms_evals_and_the_chat_template_is_found(qwen_loaded, tmp_path):
+    _, processor, _, _, _ = qwen_loaded
+    assert qwen.user_turn(processor, "is it red ?") == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>is it red ?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    tokenizer = processor.tokenizer
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": "json {{ x }}"}))
+    assert qwen._chat_template(str(tmp_path), None, tokenizer) == "json {{ x }}"  # the 7B's file
+    (tmp_path / "chat_template.jinja").write_text("jinja {{ x }}")
+    assert qwen._chat_template(str(tmp_path), None, tokenizer) == "jinja {{ x }}"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    tokenizer.chat_template, template = None, tokenizer.chat_template
+    try:
+        with pytest.raises(ValueError, match="has no chat template"):
+            qwen._chat_template(str(empty), None, tokenizer)
+    finally:
+        tokenizer.chat_template = template
