@@ -90,7 +90,9 @@ def test_full_renumbered_is_one_dimensional_positions_and_differs(qwen_loaded):
         for image, prompt in zip(images, prompts):
             inputs = processor(images=[image], text=[prompt], return_tensors="pt")
             embeds = model.model.get_input_embeddings()(inputs["input_ids"])
-            projected = torch.cat(model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output)
+            projected = torch.cat(
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"]).pooler_output
+            )
             embeds[inputs["input_ids"] == model.config.image_token_id] = projected
             out = model.generate(
                 inputs_embeds=embeds, attention_mask=inputs["attention_mask"], max_new_tokens=MAX_NEW, do_sample=False
@@ -124,7 +126,9 @@ def test_projected_is_what_the_model_feeds_its_language_model(qwen_loaded):
         hook.remove()
 
     pixels = processor.image_processor(images=images, return_tensors="pt")
-    projected, groups, keys, received = qwen.encode_patch_groups(model, pixels["pixel_values"], pixels["image_grid_thw"])
+    projected, groups, keys, received = qwen.encode_patch_groups(
+        model, pixels["pixel_values"], pixels["image_grid_thw"]
+    )
     merger = model.model.visual.merger
     for (view,), g, k, r in zip(views, groups, keys, received):
         # the merger on our row-major patch groups gives the model's own (row-major) tokens: the groups are in order

@@ -42,10 +42,10 @@ rows stop at EOS and are padded after it). Positions, for a row whose image star
 Prompt, as lmms-eval 0.7.3 (`lmms_eval/models/simple/qwen2_5_vl.py`) builds it for Qwen2.5-VL: an explicit system turn
 "You are a helpful assistant.", then one user turn with the image first and the question after it, through the
 processor's chat template, add_generation_prompt=True:
-"<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<|vision_start|><|image_pad|>
-<|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n". lmms-eval's defaults are min_pixels = 256·28·28 and
-max_pixels = 1605632 (= 2048·28·28), passed to the processor; here they are the family options `min_pixels`,
-`max_pixels` (absent: the checkpoint's own preprocessor config). lmms-eval calls `model.generate` with do_sample=False,
+"<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n"
+"<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n".
+lmms-eval's defaults are min_pixels = 256·28·28 and max_pixels = 1605632 (= 2048·28·28), passed to the processor;
+here they are the family options `min_pixels`, `max_pixels` (absent: the checkpoint's own preprocessor config). lmms-eval calls `model.generate` with do_sample=False,
 which still applies the checkpoint's generation_config.json repetition_penalty (1.05 for the 7B Instruct); `generate`
 applies `model.generation_config.repetition_penalty` the same way (over the row's prompt ids and generated ids), so it
 decodes what `model.generate` decodes. lmms-eval also pre-resizes images with qwen_vl_utils before the processor; we
@@ -74,7 +74,8 @@ from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
 from vtc.models import EncodedView, ReducedImage
-from vtc.models.llava import DTYPES, Generation, decode, generated_lengths, resolve_device  # noqa: F401 (decode)
+from vtc.models import llava
+from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_device
 
 PROVIDES = {"cls_attention": "mean_received", "encoder_methods": False, "in_llm": False}
 FAMILY_OPTIONS = ("min_pixels", "max_pixels")
@@ -231,7 +232,9 @@ def encode_patch_groups(model, pixel_values: torch.Tensor, grid_thw: torch.Tenso
     finally:
         hook.remove()
     unit = visual.spatial_merge_size**2
-    window_index, _ = get_vision_window_index(grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size)
+    window_index, _ = get_vision_window_index(
+        grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+    )
     restore = torch.argsort(window_index.to(pixel_values.device))
 
     def grouped(x: torch.Tensor) -> torch.Tensor:  # [P, ...] in window order → [P / unit, unit, ...] row-major
@@ -422,6 +425,11 @@ def generate(
     ids = torch.stack(generated, dim=1)
     text_tokens = [int(n) - image.tokens.shape[0] for n, image in zip(prompt_lengths, images)]
     return Generation(ids, text_tokens, generated_lengths(ids, config.eos_token_id))
+
+
+def decode(processor, ids: torch.Tensor) -> list[str]:
+    """Answer strings of generated ids [B, T], special tokens (<|im_end|>, padding) dropped."""
+    return llava.decode(processor, ids)
 
 
 def attention_implementation(model) -> str:
