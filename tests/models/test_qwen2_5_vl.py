@@ -130,7 +130,8 @@ def test_projected_is_what_the_model_feeds_its_language_model(qwen_loaded):
         model, pixels["pixel_values"], pixels["image_grid_thw"]
     )
     merger = model.model.visual.merger
-    for (view,), g, k, r in zip(views, groups, keys, received):
+    for (view,), p, g, k, r in zip(views, projected, groups, keys, received):
+        torch.testing.assert_close(p, view.projected, rtol=0, atol=0)
         # the merger on our row-major patch groups gives the model's own (row-major) tokens: the groups are in order
         torch.testing.assert_close(merger(g.reshape(-1, g.shape[-1])), view.projected)
         torch.testing.assert_close(view.features, g.mean(dim=1))
