@@ -60,6 +60,7 @@ tokenizer, image processor (`AutoImageProcessor`, PIL backend without torchvisio
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -113,7 +114,7 @@ def _chat_template(path: str, revision: str | None, tokenizer) -> str:
     for name in ("chat_template.jinja", "chat_template.json"):
         file = cached_file(path, name, revision=revision, _raise_exceptions_for_missing_entries=False)
         if file is not None:
-            text = open(file, encoding="utf-8").read()
+            text = Path(file).read_text(encoding="utf-8")
             return json.loads(text)["chat_template"] if name.endswith(".json") else text
     if tokenizer.chat_template:
         return tokenizer.chat_template
