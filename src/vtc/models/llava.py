@@ -183,12 +183,15 @@ class Generation:
     new_tokens [B]: tokens each row generated, its EOS included, padding excluded.
     pruned_sources [B, V, n] bool, only where the language model itself pruned: which of the n visual tokens it was
     given each of the V visual tokens of its last layers covers.
+    structural_tokens [B], only for families that add tokens of their own to the visual ones (LLaVA-NeXT's row-end
+    newlines): how many each row's prompt held; they are neither visual (not in the budget) nor text tokens.
     """
 
     ids: torch.Tensor
     text_tokens: list[int]
     new_tokens: list[int]
     pruned_sources: torch.Tensor | None = None
+    structural_tokens: list[int] | None = None
 
 
 def generated_lengths(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:
