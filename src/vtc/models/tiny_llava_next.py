@@ -5,7 +5,7 @@ layer with the CLS dropped (`vision_feature_select_strategy="default"`), anyres 
 to the tower's square input plus crops of the image resized and padded to the best of `image_grid_pinpoints`), the
 crops' grids stitched and unpadded, a learned `image_newline` after each high-resolution row, a 2-layer GELU
 projector and a Llama decoder, with `LlavaNextProcessor` and the llava-hf Vicuna chat template. Only narrow: 32-pixel
-views in 4-pixel patches (8 × 8 = 64 tokens per view), pinpoints giving 1 to 4 crops, a 2-layer decoder and the
+views in 4-pixel patches (8 × 8 = 64 tokens per view), pinpoints giving 1 to 4 crops, a 4-layer decoder and the
 word-level tokenizer of `vtc.models.tiny` (the shapes testbed's words). `build(out_dir)` saves it with
 `save_pretrained` so that it loads with `from_pretrained` like a hub checkpoint.
 """
@@ -69,7 +69,7 @@ def build_config(tokenizer) -> LlavaNextConfig:
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=4,  # as the tiny LLaVA-1.5: in-LLM methods' default layers (FastV's K = 2) fit
         num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=1024,
