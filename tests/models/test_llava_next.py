@@ -88,7 +88,11 @@ def test_full_generates_what_model_generate_does_in_one_ragged_batch(tiny, image
         inputs = model_inputs(processor, image, prompt)
         reference = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
         assert torch.equal(batch.ids[row, : len(reference)], reference), row
-        assert batch.new_tokens[row] == len(reference) == generated_lengths(reference[None], model.config.text_config.eos_token_id)[0]
+        assert (
+            batch.new_tokens[row]
+            == len(reference)
+            == generated_lengths(reference[None], model.config.text_config.eos_token_id)[0]
+        )
         # the processor's placeholders = the visual tokens + one newline per high-resolution row
         assert batch.structural_tokens[row] == HIRES[row][0]
         assert len(full[row].tokens) + batch.structural_tokens[row] == (inputs["input_ids"] == image_token).sum()
@@ -186,9 +190,7 @@ def hand_made(views, picks_base, picks_hires, seed=0):
         sources[row, [n0 + i for i in covered]] = True
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randn(len(sources), views[0].projected.shape[1], generator=generator)
-    return ReducedImage(
-        tokens, sources, [(*views[0].grid, len(picks_base)), (*views[1].grid, len(picks_hires))]
-    )
+    return ReducedImage(tokens, sources, [(*views[0].grid, len(picks_base)), (*views[1].grid, len(picks_hires))])
 
 
 def test_newlines_and_original_positions_of_a_hand_made_reduction(tiny, images, prompts, encoded):
@@ -211,20 +213,35 @@ def test_newlines_and_original_positions_of_a_hand_made_reduction(tiny, images, 
         base + 2 * stride + 9, base + 2 * stride + 16,
         base + 5 * stride + 15, base + 5 * stride + 16,
     ]  # fmt: skip
-    assert packed == base + 6 * stride == (model_inputs(processor, images[0], prompts[0])["input_ids"] == 
-                                           model.config.image_token_id).sum()  # fmt: skip
+    placeholders = model_inputs(processor, images[0], prompts[0])["input_ids"] == model.config.image_token_id
+    assert packed == base + 6 * stride == placeholders.sum()
 
     # feed order that returns to an earlier row: a newline wherever the next token's row differs
     back = hand_made(views, [], [[3], [95], [10]])
     _, original, newlines, _ = llava_next.visual_sequence(model, back)
     assert newlines == 3
-    assert original.tolist() == [base + 3, base + 16, base + 5 * stride + 15, base + 5 * stride + 16, base + 10, base + 16]
+    assert original.tolist() == [
+        base + 3,
+        base + 16,
+        base + 5 * stride + 15,
+        base + 5 * stride + 16,
+        base + 10,
+        base + 16,
+    ]
+
+    # a view reduced to nothing: no newline without a high-resolution token
+    sequence, original, newlines, _ = llava_next.visual_sequence(model, hand_made(views, [7, 2], []))
+    assert newlines == 0 and len(sequence) == 2 and original.tolist() == [7, 2]
+    _, original, newlines, _ = llava_next.visual_sequence(model, hand_made(views, [], [[95]]))
+    assert newlines == 1 and original.tolist() == [base + 5 * stride + 15, base + 5 * stride + 16]
 
     # in the prompt: text before the image 0 … s − 1, the entries at s + original, the text after from s + packed
     prompt = prompts[1]
     ids = processor.tokenizer(prompt)["input_ids"]
     s = ids.index(model.config.image_token_id)
-    _, mask, image_mask, positions, structural = llava_next.splice(model, processor, [prompt, prompts[2]], [image, image])
+    _, mask, image_mask, positions, structural = llava_next.splice(
+        model, processor, [prompt, prompts[2]], [image, image]
+    )
     _, original, _, _ = llava_next.visual_sequence(model, image)
     valid = mask[0].bool()
     after = len(ids) - s - 1

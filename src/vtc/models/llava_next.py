@@ -96,7 +96,8 @@ def load_model(
 
 
 def load_from_config(model_cfg: dict):
-    """`load_model` with a `models.<name>` entry of config.yaml (its keys in `CONFIG_KEYS`; `family` is the caller's)."""
+    """`load_model` with a `models.<name>` entry of config.yaml: its keys in `CONFIG_KEYS` (`family` is the
+    caller's)."""
     return load_model(**{key: model_cfg[key] for key in CONFIG_KEYS if key in model_cfg})
 
 
@@ -266,8 +267,8 @@ def visual_sequence(model: LlavaNextForConditionalGeneration, image: ReducedImag
     tokens = image.tokens
     newline = model.model.image_newline.to(tokens.device, tokens.dtype)
     hires = tokens.new_empty(length, tokens.shape[-1])
-    hires[at] = tokens[k0:]
-    hires[end[row_end]] = newline
+    hires[at.to(tokens.device)] = tokens[k0:]
+    hires[end[row_end].to(tokens.device)] = newline
     stride = w1 + 1  # a packed high-resolution row: its w1 tokens and its newline
     original = torch.empty(length, dtype=torch.long, device=position.device)
     original[at] = n0 + row * stride + col
