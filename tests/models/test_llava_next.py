@@ -74,6 +74,9 @@ def test_views_have_the_unpadded_grids_and_ragged_counts(encoded):
             n = view.grid[0] * view.grid[1]
             assert view.projected.shape[0] == view.features.shape[0] == view.keys.shape[0] == n
             assert view.cls_attention.shape == (4, n)
+        tensors = [getattr(view, name) for view in views for name in ("projected", "features", "cls_attention", "keys")]
+        assert len({t.untyped_storage().data_ptr() for t in tensors}) == 8  # no shared storage (safetensors)
+        assert all(t.is_contiguous() for t in tensors)
         # the high-resolution view is renormalised over what remains after unpadding
         torch.testing.assert_close(views[1].cls_attention.sum(dim=1), torch.ones(4))
 

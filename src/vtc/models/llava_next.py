@@ -112,7 +112,12 @@ def attention_implementation(model: LlavaNextForConditionalGeneration) -> str:
 
 def user_turn(processor, text: str) -> str:
     """One image placeholder and the question through the model's own chat template (llava-hf 1.6-vicuna:
-    "USER: <image>\\n{text} ASSISTANT:")."""
+    "USER: <image>\\n{text} ASSISTANT:").
+
+    This is the prompt lmms-eval 0.7.3 builds for `--model llava_hf`, which resolves to its chat class
+    (`lmms_eval/models/chat/llava_hf.py`): a user turn of the image(s) then the task text
+    (`api/task.py::_build_user_turn`) through `processor.apply_chat_template`. Its simple class (`--force_simple`)
+    would use the tokenizer's template or a Vicuna fallback with a system prompt instead."""
     return llava.user_turn(processor, text)
 
 
@@ -221,9 +226,16 @@ def encode_images(model: LlavaNextForConditionalGeneration, processor, images: l
             keys=hires[2].reshape(height * width, -1),
             grid=(height, width),
         )
-        encoded.append([base, high])
+        # each tensor its own contiguous storage: slices of the batch would share it (safetensors refuses that)
+        encoded.append([_owned(base), _owned(high)])
         start += count
     return encoded
+
+
+def _owned(view: EncodedView) -> EncodedView:
+    fields = ("projected", "features", "cls_attention", "keys")
+    copies = {name: getattr(view, name).clone(memory_format=torch.contiguous_format) for name in fields}
+    return EncodedView(**copies, grid=view.grid)
 
 
 def full_image(views: list[EncodedView]) -> ReducedImage:
