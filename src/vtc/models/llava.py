@@ -154,6 +154,20 @@ def generate(model, processor, prompts: list[str], images: list[ReducedImage], m
     return generate_ids(model, processor, prompts, visual, max_new_tokens)
 
 
+def generate_pruned(model, processor, prompts: list[str], images: list[ReducedImage], max_new_tokens: int, plan_for):
+    """Greedy answers of an in-LLM method: each image's tokens spliced in, pruned inside the LLM by the plan that
+    `plan_for(n)` gives for images of n visual tokens (one n per batch); `Generation.pruned_sources` [B, V, k] over the
+    row's k given tokens, `Generation.plan` the plan used."""
+    counts = {image.tokens.shape[0] for image in images}
+    if len(counts) != 1:
+        raise ValueError(f"in-LLM pruning takes a batch of images of one token count, got {sorted(counts)}")
+    plan = plan_for(counts.pop())
+    visual = [image.tokens for image in images]
+    generation = generate_ids_pruned(model, processor, prompts, visual, max_new_tokens, plan)
+    generation.plan = plan
+    return generation
+
+
 def user_turn(processor, text: str) -> str:
     """The prompt string for one image and one question, through the model's own chat template."""
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
@@ -226,6 +240,7 @@ class Generation:
     new_tokens: list[int]
     pruned_sources: torch.Tensor | None = None
     structural_tokens: list[int] | None = None
+    plan: "inllm.Plan | None" = None
 
 
 def generated_lengths(ids: torch.Tensor, eos_token_id: int | list[int] | None) -> list[int]:

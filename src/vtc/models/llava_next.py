@@ -50,7 +50,7 @@ from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_devi
 # The LLM gets the CLS-free feature layer behind a projector (no patch merger): every method that selects or merges
 # tokens applies; in-LLM methods run through `vtc.models.inllm` unchanged (the decoder is Llama, under
 # `model.model.language_model`), with the newlines inside the image block.
-PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": True}
+PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": False}
 POSITIONS = ("renumbered", "original")
 # Keys of a `models.<name>` entry this family reads; it defines no family options of its own.
 CONFIG_KEYS = ("path", "revision", "dtype", "device", "attn_implementation", "trust_remote_code")

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vtc.benchmarks import LMMS_EVAL_VERSION, get_benchmark, read_common_parquet
 from vtc.cache import Store
 from vtc.methods import import_plugins, method_stage, resolved_hparams
-from vtc.models import ReducedImage, family, inllm, llava
+from vtc.models import ReducedImage, family, inllm
 from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.pipeline.prepare import rows_report_path
 from vtc.pipeline.reduce import image_budget, token_counts, unpack_reduced
@@ -66,12 +66,10 @@ def _answer_batch(model, processor, adapter, benchmark, batch, positions, plan_f
     images = [image for _, image in batch]
     sources = [image.sources for image in images]
     if plan_for is not None:
-        plan = plan_for(images[0].sources.shape[1])
-        visual = [image.tokens for image in images]
-        generation = llava.generate_ids_pruned(model, processor, prompts, visual, benchmark.max_new_tokens, plan)
-        # [V, n] over the tokens the LLM got, [n, N] from those to patches: [V, N] over patches
+        generation = adapter.generate_pruned(model, processor, prompts, images, benchmark.max_new_tokens, plan_for)
+        # [V, k] over the reduced tokens the LLM got, [k, N] from those to patches: [V, N] over patches
         sources = [(kept.float() @ given.float()) > 0 for kept, given in zip(generation.pruned_sources, sources)]
-        fed = [plan.layer_average] * len(batch)
+        fed = [generation.plan.layer_average] * len(batch)
     else:
         generation = adapter.generate(model, processor, prompts, images, benchmark.max_new_tokens, positions)
         structural = generation.structural_tokens or [0] * len(batch)
