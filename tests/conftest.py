@@ -75,3 +75,48 @@ def loaded(tiny_model_dir, request):
     g = torch.Generator().manual_seed(0)
     visual = [torch.randn(request.module.N, model.config.text_config.hidden_size, generator=g) for _ in questions]
     return model, processor, prompts, visual
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_model_dir(tmp_path_factory):
+    """A randomly initialised tiny Qwen2.5-VL (`vtc.models.tiny_qwen2_5_vl`) saved as a hub checkpoint is."""
+    from vtc.models.tiny_qwen2_5_vl import build
+
+    return build(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_next_model_dir(tmp_path_factory):
+    """A randomly initialised tiny LLaVA-NeXT (`vtc.models.tiny_llava_next`) saved as a hub checkpoint is."""
+    from vtc.models.tiny_llava_next import build
+
+    return build(tmp_path_factory.mktemp("tiny-llava-next"))
+
+
+@pytest.fixture(scope="session")
+def ragged_shapes_dir(shapes_dir, tmp_path_factory):
+    """The shapes test split with each image resized to one of several sizes and aspect ratios, so that a model of
+    dynamic resolution (Qwen2.5-VL) or any-resolution crops (LLaVA-NeXT) gives the images different token counts."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    sizes = [(96, 96), (140, 70), (70, 112), (84, 84), (56, 126)]
+    table = pq.read_table(shapes_dir / "test.parquet")
+    images = table.column("image").to_pylist()
+    image_ids = table.column("image_id").to_pylist()
+    order = {image_id: i for i, image_id in enumerate(dict.fromkeys(image_ids))}
+    resized = []
+    for image, image_id in zip(images, image_ids):
+        picture = Image.open(io.BytesIO(image["bytes"])).resize(sizes[order[image_id] % len(sizes)])
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        resized.append({**image, "bytes": buffer.getvalue()})
+    column = table.schema.get_field_index("image")
+    field = table.schema.field("image")
+    table = table.set_column(column, field, pa.array(resized, type=field.type))
+    path = tmp_path_factory.mktemp("ragged-shapes")
+    pq.write_table(table, path / "test.parquet")
+    return path

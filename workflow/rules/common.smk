@@ -6,6 +6,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from vtc.config_check import check_config, check_files
+from vtc.models import family as model_family
 from vtc.methods import (
     HparamError,
     entry_budgets,
@@ -151,7 +152,9 @@ def get_registered_method(wildcards):
 def get_method_hparams(wildcards):
     """Every hyperparameter, defaults written out: a changed default reruns the results it changes."""
     method, hparams = method_entry(wildcards.method, config["methods"][wildcards.method])
-    return resolved_hparams(method, hparams)
+    model = config["models"][wildcards.model]
+    positions = model_family(model).PROVIDES["positions"]
+    return resolved_hparams(method, hparams, positions)
 
 
 # here, not with the other checks: it needs `budgets_for` and `registered_method`

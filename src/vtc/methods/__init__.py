@@ -195,7 +195,8 @@ class Selection:
 # Position ids of the visual tokens the LLM sees: "original" keeps each token's id in the unreduced sequence (gapped
 # where tokens were dropped), "renumbered" gives the k tokens k consecutive ids.
 POSITIONS = ("original", "renumbered")
-# Where a method that reduces before the LLM leaves `positions` unset: what LLaVA-style reduction papers feed.
+# Where a method that reduces before the LLM leaves `positions` unset: what LLaVA-style reduction papers feed (a model
+# family may have its own default, `PROVIDES["positions"]` of `vtc.models.<family>`).
 PRE_LLM_POSITIONS = "renumbered"
 
 
@@ -356,12 +357,14 @@ def method_entry(name: str, entry: dict | None) -> tuple[str, dict]:
     return hparams.pop("method", name), hparams
 
 
-def resolved_hparams(method: str, hparams: dict) -> dict:
+def resolved_hparams(method: str, hparams: dict, pre_llm_positions: str = PRE_LLM_POSITIONS) -> dict:
     """`hparams` with every hyperparameter the method leaves at its default written out.
 
     What a result's cache key and metrics record, so that they name every setting a run used and a changed
     default makes earlier results stale (snakemake reruns on changed params) instead of silently reused. For an
-    in-LLM method the schedule's and the pruning loop's hyperparameters count too. Raises `HparamError` naming
+    in-LLM method the schedule's and the pruning loop's hyperparameters count too. `pre_llm_positions`: the default
+    `positions` of a method that reduces before the LLM, the model family's (`PROVIDES["positions"]` of
+    `vtc.models.<family>`: renumbered on LLaVA, original on Qwen2.5-VL). Raises `HparamError` naming
     a hyperparameter the method does not take or a `positions` that is not one of `POSITIONS`.
     """
     parameters = _keyword_parameters(get_method(method))
@@ -376,7 +379,7 @@ def resolved_hparams(method: str, hparams: dict) -> dict:
         specs["budget_mode"] = Hparam(choices=BUDGET_MODES, types=(str,))
     else:
         defaults = {name: p.default for name, p in parameters.items()}
-        defaults |= {"positions": PRE_LLM_POSITIONS}
+        defaults |= {"positions": pre_llm_positions}
     unknown = sorted(set(hparams) - set(defaults))
     if unknown:
         allowed = ", ".join(sorted(defaults))

@@ -23,7 +23,7 @@ from vtc.models import EncodedView, ReducedImage, inllm
 
 # What this family gives the methods: CLS attention of the feature layer; ToMe can run in its CLIP tower; the in-LLM
 # decoder loop (vtc.models.inllm) runs its Llama.
-PROVIDES = {"cls_attention": "cls", "encoder_methods": True, "in_llm": True}
+PROVIDES = {"cls_attention": "cls", "encoder_methods": True, "in_llm": True, "positions": "renumbered"}
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -54,6 +54,11 @@ def load_model(
     )
     processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     return model.to(resolve_device(device)).eval(), processor
+
+
+def processor_from_config(model_cfg: dict):
+    """The processor of a `models.<name>` entry, without the weights (the encode cache's key)."""
+    return AutoProcessor.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
 
 
 def load_from_config(model_cfg: dict):

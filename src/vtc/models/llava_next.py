@@ -50,7 +50,7 @@ from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_devi
 # The LLM gets the CLS-free feature layer behind a projector (no patch merger): every method that selects or merges
 # tokens applies; in-LLM methods run through `vtc.models.inllm` unchanged (the decoder is Llama, under
 # `model.model.language_model`), with the newlines inside the image block.
-PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": False}
+PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": False, "positions": "renumbered"}
 POSITIONS = ("renumbered", "original")
 # Keys of a `models.<name>` entry this family reads; it defines no family options of its own.
 CONFIG_KEYS = ("path", "revision", "dtype", "device", "attn_implementation", "trust_remote_code")
@@ -93,6 +93,11 @@ def load_model(
     check_supported(model.config)
     processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
     return model.to(resolve_device(device)).eval(), processor
+
+
+def processor_from_config(model_cfg: dict):
+    """The processor of a `models.<name>` entry, without the weights (the encode cache's key)."""
+    return AutoProcessor.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
 
 
 def load_from_config(model_cfg: dict):

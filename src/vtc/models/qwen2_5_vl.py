@@ -78,7 +78,9 @@ from vtc.models import EncodedView, ReducedImage
 from vtc.models import llava
 from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_device
 
-PROVIDES = {"cls_attention": "mean_received", "encoder_methods": False, "in_llm": False}
+# positions: a method that reduces before the LLM keeps each token's own (t, row, col) by default, so that `full` is the
+# model as it is and a kept token stays where the image had it (what Qwen ports of pruning methods do).
+PROVIDES = {"cls_attention": "mean_received", "encoder_methods": False, "in_llm": False, "positions": "original"}
 FAMILY_OPTIONS = ("min_pixels", "max_pixels")
 POSITIONS = ("renumbered", "original")
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -159,7 +161,7 @@ def load_model(
 
 def load_from_config(model_cfg: dict):
     """`load_model` with a `models.<name>` entry of config.yaml (family options: min_pixels, max_pixels)."""
-    options = {key: model_cfg[key] for key in FAMILY_OPTIONS if key in model_cfg}
+    options = config_options(model_cfg)
     return load_model(
         model_cfg["path"],
         model_cfg.get("revision"),
@@ -168,6 +170,18 @@ def load_from_config(model_cfg: dict):
         model_cfg["attn_implementation"],
         model_cfg.get("trust_remote_code", False),
         **options,
+    )
+
+
+def config_options(model_cfg: dict) -> dict:
+    """The family options a `models.<name>` entry sets (null: the checkpoint's own)."""
+    return {key: model_cfg[key] for key in FAMILY_OPTIONS if model_cfg.get(key) is not None}
+
+
+def processor_from_config(model_cfg: dict):
+    """The processor of a `models.<name>` entry, without the weights (the encode cache's key)."""
+    return load_processor(
+        model_cfg["path"], model_cfg.get("revision"), model_cfg.get("trust_remote_code", False), **config_options(model_cfg)
     )
 
 

@@ -33,8 +33,9 @@ def encode_key(model_cfg: dict, processor, model_config) -> dict:
         "model": model_cfg["path"],
         "revision": model_cfg.get("revision"),
         "dtype": model_cfg["dtype"],
-        "vision_feature_layer": model_config.vision_feature_layer,
-        "vision_feature_select_strategy": model_config.vision_feature_select_strategy,
+        # LLaVA's; Qwen2.5-VL has neither (its projected tokens are the merger's output of the last block)
+        "vision_feature_layer": getattr(model_config, "vision_feature_layer", None),
+        "vision_feature_select_strategy": getattr(model_config, "vision_feature_select_strategy", None),
         "image_processor": processor.image_processor.to_dict(),
         "image_aspect_ratio": model_cfg.get("image_aspect_ratio", "crop"),
         "family": model_cfg.get("family", "llava"),
@@ -45,11 +46,10 @@ def encode_key(model_cfg: dict, processor, model_config) -> dict:
 
 def expected_encode_key(model_cfg: dict) -> dict:
     """The key an up-to-date cache for this model must have; reads config and processor, not weights."""
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
-    processor = AutoProcessor.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
-    return encode_key(model_cfg, processor, config)
+    return encode_key(model_cfg, family(model_cfg).processor_from_config(model_cfg), config)
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -157,7 +157,7 @@ def generate_predictions(
     adapter = family(model_cfg)
     import_plugins(list(plugins))
     key = store.manifest["key"]
-    positions = resolved_hparams(key["method"], key["hparams"])["positions"]
+    positions = resolved_hparams(key["method"], key["hparams"], adapter.PROVIDES["positions"])["positions"]
     if method_stage(key["method"]) == "llm" and not adapter.PROVIDES["in_llm"]:
         raise ValueError(f"method {key['method']!r} prunes inside the language model, which the decoder loop does not "
                          f"support for model family {model_cfg.get('family', 'llava')!r} yet (see README, Methods)")  # fmt: skip
