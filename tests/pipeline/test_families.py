@@ -104,3 +104,36 @@ def test_methods_a_family_cannot_run_are_refused_before_any_job(name):
     assert "config key 'methods.tome': method 'tome' cannot run on model 'm'" in problems
     assert "methods.pool" not in problems
     assert "config key 'saliency.datasets'" in problems
+
+
+def applicable_methods(model_cfg) -> dict[str, dict]:
+    """Every configured method of the zoo preset (its settings for a 4-layer demo LLM) that the family runs."""
+    import yaml
+
+    from vtc.config_check import check_method_models
+    from vtc.methods import method_entry
+
+    zoo = yaml.safe_load(open("configs/shapes-zoo.yaml"))["methods"]
+    refused = "\n".join(check_method_models({"models": {"m": model_cfg}, "methods": zoo}))
+    return {name: entry for name, entry in zoo.items() if f"'methods.{name}'" not in refused and name != "full"}
+
+
+def test_every_method_the_family_runs_goes_through_the_pipeline(family_run):
+    """Each method that applies to the family (the README's table), at a ratio, on 12 questions of ragged images."""
+    from vtc.methods import method_entry, method_stage
+    from vtc.pipeline.reduce import reduce_questions
+
+    model_cfg, dataset, tmp_path = family_run
+    methods = applicable_methods(model_cfg)
+    assert {"random", "pool", "cluster", "visionzip", "vispruner", "cdpruner"} <= set(methods)
+    key = expected_encode_key(model_cfg)
+    for name, entry in methods.items():
+        method, hparams = method_entry(name, entry)
+        out = tmp_path / name
+        if method_stage(method) == "question":
+            reduce_questions(tmp_path / "encode", key, dataset, model_cfg, method, 0.25, hparams, 0, out / "r")
+        else:
+            reduce_dataset(tmp_path / "encode", key, method, 0.25, hparams, 0, out / "r")
+        stats = generate_predictions(dataset, "shapes", out / "r", model_cfg, 6, 0, 1, out / "p.jsonl", out / "s.json")
+        assert stats["n"] == 12 and stats["vision_tower_calls"] == 0, name
+        assert all(json.loads(line)["prediction"] is not None for line in open(out / "p.jsonl")), name

@@ -206,6 +206,22 @@ def test_paper_preset_plans_the_whole_study(tmp_path):
     assert jobs["encode"] == 10 and jobs["evaluate"] == 10 * ((methods - 1) * 3 + 1)
 
 
+@pytest.mark.parametrize("preset", ["qwen2.5-vl", "llava-next"])
+def test_model_family_presets_plan_the_nine_benchmarks(tmp_path, preset):
+    config = yaml.safe_load((REPO / "configs" / f"{preset}.yaml").read_text())
+    plan = snakemake(tmp_path, "--configfile", str(REPO / "configs" / f"{preset}.yaml"), "-n")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    jobs = planned_jobs(plan.stdout)
+    budgets = config["budgets"]
+    assert all(isinstance(b, float) and 0 < b < 1 for b in budgets)  # shares of each image's tokens
+    assert jobs["encode"] == len(config["datasets"]) == 9
+    assert jobs["evaluate"] == 9 * ((len(config["methods"]) - 1) * len(budgets) + 1)
+    [model] = config["models"]
+    assert f"results/evaluate/{model}/gqa/full/1.0/metrics.json" in plan.stdout  # full: every token, ratio 1.0
+    assert f"results/evaluate/{model}/gqa/cluster/{budgets[-1]}/metrics.json" in plan.stdout
+    assert "measure_cost" not in jobs  # vtc.bench times LLaVA-1.5
+
+
 @pytest.mark.slow
 def test_paper_preset_runs_end_to_end_on_fixtures(tmp_path, tiny_model_dir):
     config_file = tmp_path / "paper.yaml"
