@@ -56,3 +56,25 @@ def _one_image(tokens: VisualTokens, b: int) -> VisualTokens:
 def one_image():
     """Image b of a batch alone, as a batch of one: `one_image(tokens, b)`."""
     return _one_image
+
+
+def _make_view(grid: tuple[int, int], dim: int = 8, *, heads: int = 2, channels: int = 6, seed: int = 0, sharpness=1.0):
+    """A random `EncodedView` on `grid`: CLS attention a softmax per head of normal logits times `sharpness` (larger:
+    more peaked, so more IQR outliers)."""
+    from vtc.models import EncodedView
+
+    g = torch.Generator().manual_seed(seed)
+    num_patches = grid[0] * grid[1]
+    return EncodedView(
+        projected=torch.randn(num_patches, dim, generator=g),
+        features=torch.randn(num_patches, channels, generator=g),
+        cls_attention=(sharpness * torch.randn(heads, num_patches, generator=g)).softmax(dim=-1),
+        keys=torch.randn(num_patches, channels, generator=g),
+        grid=grid,
+    )
+
+
+@pytest.fixture
+def make_view():
+    """Builds a random view: `make_view(grid, dim, heads=..., channels=..., seed=..., sharpness=...)`."""
+    return _make_view
