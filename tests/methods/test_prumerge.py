@@ -174,7 +174,7 @@ def test_bad_hyperparameters_are_rejected(make_tokens, hparams, message):
         prumerge(make_tokens(1, (2, 2)), 2, **hparams)
 
 
-@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus"])
+@pytest.mark.parametrize("name", ["prumerge", "prumerge_plus", "prumerge_adaptive", "prumerge_plus_adaptive"])
 def test_bfloat16_inputs_are_computed_in_float32(make_tokens, name):
     tokens = make_tokens(2, (6, 6), 5)
     low = dataclasses.replace(
@@ -379,3 +379,17 @@ def read_reduced_store(path):
     from vtc.pipeline.reduce import read_reduced
 
     return read_reduced(Store.open(path))
+
+
+@pytest.mark.parametrize("name", ["prumerge_adaptive", "prumerge_plus_adaptive"])
+def test_adaptive_settings_are_checked(make_tokens, name):
+    from vtc.methods import HparamError, resolved_hparams
+
+    assert resolved_hparams(name, {}) == {"neighbours": 32, "order": "score", "positions": "renumbered"}
+    with pytest.raises(HparamError, match=f"method '{name}': order must be one of score, spatial"):
+        resolved_hparams(name, {"order": "selection"})
+    with pytest.raises(HparamError, match=f"method '{name}' has no hyperparameter 'fill'"):
+        resolved_hparams(name, {"fill": "uniform"})
+    for hparams, message in (({"order": "selection"}, "order"), ({"neighbours": -1}, "neighbours")):
+        with pytest.raises(ValueError, match=message):
+            get_method(name)(make_tokens(1, (4, 4)), 4, **hparams)
