@@ -383,8 +383,9 @@ def read_reduced_store(path):
 
 @pytest.mark.parametrize("name", ["prumerge_adaptive", "prumerge_plus_adaptive"])
 def test_adaptive_settings_are_checked(make_tokens, name):
-    from vtc.methods import HparamError, resolved_hparams
+    from vtc.methods import HparamError, keeps_own_count, resolved_hparams
 
+    assert keeps_own_count(name) and not keeps_own_count(name.replace("_adaptive", ""))
     assert resolved_hparams(name, {}) == {"neighbours": 32, "order": "score", "positions": "renumbered"}
     with pytest.raises(HparamError, match=f"method '{name}': order must be one of score, spatial"):
         resolved_hparams(name, {"order": "selection"})

@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from vtc.methods import available_methods, get_method, method_stage
+from vtc.methods import available_methods, get_method, keeps_own_count, method_stage
 from vtc.pipeline.reduce import image_budget, reduce_images, split_budget
 
 DIM = 128  # the tiny LLaVA's LLM width, for CDPruner's "llm" relevance (its input embeddings against the tokens)
@@ -24,8 +24,6 @@ QUESTIONS = ["how many circles are there ?", "where is the red square ?"]
 BUDGETS = [12, 3, 0.3, 0.05]
 # Settings that read the grid beyond the defaults.
 GRID_SETTINGS = {"cluster": {"init": "grid"}, "cluster_agglomerative": {"connectivity": True}}
-# Methods that keep a count of their own per view (they ignore the budget).
-OWN_COUNT = {"full", "prumerge_adaptive", "prumerge_plus_adaptive"}
 # (method, budget) that cannot run on some view of IMAGES, with the error they give instead.
 # pool needs its per-view budget to be rows × cols on the view's grid with cells at most 2 times longer than wide:
 # 0.3 asks 14 of the 6 × 8 views and 3 asks 3 of them (cells 6 × 8/3 or 2 × 8), neither of which has such a grid.
@@ -106,7 +104,7 @@ def test_ragged_batch_gives_each_image_what_it_gets_alone(request, make_view, na
         assert [(h, w) for h, w, _ in got.views] == [v.grid for v in views]
         if name == "full":
             assert counts == sizes
-        elif name not in OWN_COUNT:
+        elif not keeps_own_count(name):
             assert counts == split_budget(image_budget(budget, sum(sizes)), sizes), f"image {i}"
         # each view's tokens come from that view's own tokens only
         assert got.tokens.shape == (sum(counts), DIM) and got.sources.shape == (sum(counts), sum(sizes))

@@ -122,7 +122,9 @@ def prumerge_plus(
     return prumerge(tokens, budget, fill="uniform", neighbours=neighbours, summary_token=summary_token, order=order)
 
 
-@register_method("prumerge_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)})
+@register_method(
+    "prumerge_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)}, own_count=True
+)
 def prumerge_adaptive(tokens: VisualTokens, budget: int, *, neighbours: int = 32, order: str = "score") -> Reduced:
     """The reference's PruMerge (`token_prune_merge_advanced`, if_adaptive=True): each image keeps its own IQR
     outliers of the CLS attention, merged with their key-space neighbours, plus the summary token.
@@ -137,7 +139,9 @@ def prumerge_adaptive(tokens: VisualTokens, budget: int, *, neighbours: int = 32
     return _adaptive(tokens, plus=False, neighbours=neighbours, order=order)
 
 
-@register_method("prumerge_plus_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)})
+@register_method(
+    "prumerge_plus_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)}, own_count=True
+)
 def prumerge_plus_adaptive(tokens: VisualTokens, budget: int, *, neighbours: int = 32, order: str = "score") -> Reduced:
     """The reference's PruMerge+ (`token_prune_merge_advanced_plus`, if_adaptive=True, the shipped default): each
     image's IQR outliers, then its spatial supplement (`adaptive_selection`, plus=True), merged as `prumerge_adaptive`.
