@@ -394,3 +394,14 @@ def test_adaptive_settings_are_checked(make_tokens, name):
     for hparams, message in (({"order": "selection"}, "order"), ({"neighbours": -1}, "neighbours")):
         with pytest.raises(ValueError, match=message):
             get_method(name)(make_tokens(1, (4, 4)), 4, **hparams)
+
+
+@pytest.mark.slow
+def test_adaptive_prumerge_runs_through_the_pipeline_at_the_counts_it_reaches(run_in_llm_method):
+    """prepare → encode → reduce → generate → evaluate with the tiny model: the answers' visual tokens are each
+    image's own count, whatever the budget, and the metrics report their mean."""
+    metrics, manifest, _ = run_in_llm_method("prumerge_plus_adaptive", 64, {})
+    counts = manifest["tokens_per_image"]
+    assert len(manifest["num_tokens"]) > 1 and 64 not in manifest["num_tokens"]  # each image its own count
+    assert metrics["visual_tokens_fed"]["min"] >= counts["min"] and metrics["visual_tokens_fed"]["max"] <= counts["max"]
+    assert counts["min"] <= metrics["visual_tokens_fed"]["mean"] <= counts["max"]
