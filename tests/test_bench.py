@@ -190,6 +190,7 @@ def test_in_llm_budget_is_a_layer_average_by_default():
     [
         (["--methods", "full,tome"], "'tome'.*vision tower"),
         (["--methods", "cdpruner"], "'cdpruner'.*reduces per question"),
+        (["--methods", "prumerge_adaptive"], "'prumerge_adaptive'.*keeps a token count of its own per image"),
         (["--methods", "fastv", "--attn", "flash_attention_2"], "'fastv'.*--attn sdpa or eager"),
         (["--methods", "cluster:positions=gapped"], "positions must be one of original, renumbered, got 'gapped'"),
     ],

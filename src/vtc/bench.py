@@ -23,7 +23,8 @@ by forward hooks on the model (`PrefillClock`): prefill ends with the first `lm_
 and `selection_ms` is the time between the decoder layers where the visual-token count changes (the selection and
 the gather; part of prefill, in parentheses in the table's reduce columns). Needs --attn sdpa or eager. Methods of
 stage "encoder" (ToMe) replace the vision tower's forward, which this script runs once for all rows: not timed here;
-nor are those of stage "question" (CDPruner), which need each question and a relevance model of their own.
+nor are those of stage "question" (CDPruner), which need each question and a relevance model of their own, nor those
+that keep a token count of their own per image and ignore the budget (PruMerge's adaptive form, `keeps_own_count`).
 
 The vision tower is identical for every method (it runs before reduction), so it is timed once (`encode_ms`) and
 left out of e2e. Next to each measurement stands the prediction of `vtc.cost` for the same shape, text length and
@@ -71,7 +72,15 @@ from typing import Callable
 import torch
 
 from vtc import cost
-from vtc.methods import VisualTokens, get_method, import_plugins, method_stage, resolved_hparams, split_positions
+from vtc.methods import (
+    VisualTokens,
+    get_method,
+    import_plugins,
+    keeps_own_count,
+    method_stage,
+    resolved_hparams,
+    split_positions,
+)
 from vtc.models import inllm, llava
 from vtc.pipeline.encode import image_seed
 
@@ -510,7 +519,8 @@ class Run:
 
 def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
     """Refuses, before the model loads, what this script cannot time: encoder-stage methods (they replace the vision
-    tower's forward, and the benchmark starts from its cached output), in-LLM methods without a 4-D-mask kernel, and
+    tower's forward, and the benchmark starts from its cached output), question-stage methods, methods that keep a
+    count of their own per image (a batch here shares one count), in-LLM methods without a 4-D-mask kernel, and
     hyperparameters a method does not take or a `positions` value that does not exist (`resolved_hparams`)."""
     for label, name, hparams in specs:
         resolved_hparams(name, hparams)
@@ -524,6 +534,11 @@ def check_stages(specs: list[tuple[str, str, dict]], attn: str) -> None:
             raise ValueError(
                 f"method {label!r} ({name}) reduces per question (stage 'question') with a relevance model of its own; "
                 "vtc.bench times methods of the cached vision-tower output alone, so it cannot time it"
+            )
+        if keeps_own_count(name):
+            raise ValueError(
+                f"method {label!r} ({name}) keeps a token count of its own per image and ignores the budget; vtc.bench "
+                "feeds one count to the whole batch at a budget, so it cannot time it"
             )
         if stage == "llm" and attn not in IN_LLM_KERNELS:
             raise ValueError(

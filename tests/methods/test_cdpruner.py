@@ -13,33 +13,7 @@ from vtc.methods.cdpruner import (
     relevance_scores,
 )
 
-CHANNELS = 6  # the `make_tokens` features' width, the tiny CLIP's vision width
-WORDS = ["how", "many", "circles", "are", "there", "where", "is", "the", "red", "square", "?"]
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    """A random CLIP (vision width 6, text tower of 8 positions, so long questions split into segments) and a
-    word-level tokenizer, saved as a hub checkpoint is."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(["<pad>", "<unk>", "<s>", "</s>", *WORDS])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(vocab), hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=8, eos_token_id=3),
-        vision_config=dict(hidden_size=CHANNELS, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=8, patch_size=4),
-        projection_dim=4,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-clip")
-    CLIPModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+CHANNELS = 6  # the `make_tokens` features' width, the tiny CLIP's vision width (conftest `clip_dir`)
 
 
 def test_relevance_is_the_negated_cosine_min_max_normalised_per_row():

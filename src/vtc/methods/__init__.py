@@ -285,6 +285,7 @@ BUDGET_MODES = ("layer_average", "kept")
 _REGISTRY: dict[str, Method] = {}
 _STAGES: dict[str, str] = {}
 _IN_LLM: dict[str, InLLM] = {}
+_OWN_COUNT: set[str] = set()
 _HPARAMS: dict[str, dict[str, Hparam]] = {}
 # "tokens": a pure function of the cached encoder outputs (VisualTokens); "encoder": runs the vision tower itself;
 # "llm": selects the image tokens that layers K … of the language model process (LayerState → kept indices);
@@ -299,9 +300,11 @@ def register_method(
     schedule: Callable[..., list[Stage]] | None = None,
     positions: str = "original",
     hparams: dict[str, Hparam] | None = None,
+    own_count: bool = False,
 ) -> Callable[[Method], Method]:
     """`schedule` and `positions` describe an in-LLM method (stage "llm"), see `InLLM`; `hparams` the choices and
-    ranges of its keyword hyperparameters (or of its schedule's), see `Hparam`."""
+    ranges of its keyword hyperparameters (or of its schedule's), see `Hparam`; `own_count` a method that keeps a
+    token count of its own per image and ignores the budget (`Reduced.lengths`, `keeps_own_count`)."""
     if stage not in STAGES:
         raise ValueError(f"stage of method {name!r} must be one of {STAGES}, got {stage!r}")
     if stage != "llm" and (schedule is not None or positions != "original"):
@@ -319,6 +322,8 @@ def register_method(
         _HPARAMS[name] = dict(hparams or {})
         if stage == "llm":
             _IN_LLM[name] = InLLM(schedule, positions)
+        if own_count:
+            _OWN_COUNT.add(name)
         return fn
 
     return decorator
@@ -336,6 +341,13 @@ def method_stage(name: str) -> str:
     that prunes inside the language model, "question" for one of the encode cache that also reads each question."""
     get_method(name)
     return _STAGES[name]
+
+
+def keeps_own_count(name: str) -> bool:
+    """Whether a method keeps a token count of its own per image (PruMerge's adaptive form): it ignores the budget,
+    returns `Reduced.lengths`, and is reported at the counts it reaches."""
+    get_method(name)
+    return name in _OWN_COUNT
 
 
 def in_llm(name: str) -> InLLM:

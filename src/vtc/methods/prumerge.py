@@ -1,4 +1,5 @@
-"""`prumerge`, `prumerge_plus`: keep the CLS-attention outliers, then fold each kept token's key-space neighbours in.
+"""`prumerge`, `prumerge_plus` and their adaptive forms: keep the CLS-attention outliers, then fold each kept token's
+key-space neighbours in.
 
 LLaVA-PruMerge (Shang et al., "LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large Multimodal Models",
 arXiv 2403.15388, ICCV 2025), official code 42Shawn/LLaVA-PruMerge, `llava/model/multimodal_encoder/clip_encoder.py`:
@@ -11,8 +12,9 @@ arXiv 2403.15388, ICCV 2025), official code 42Shawn/LLaVA-PruMerge, `llava/model
    and replaces its feature by F_i + Σ_j a_j · F_j over those neighbours (attention-weighted, not normalised);
 3. appends one summary token Σ_j a_j · F_j over the patches not kept.
 
-The adaptive selection (step 1 as the reference does it, a k of its own per image) is `adaptive_selection`. The
-pipeline feeds a fixed k per batch, so the registered methods are fixed-budget variants:
+The reference's own form, a k of its own per image (step 1 as the reference does it, `adaptive_selection`), is
+registered as `prumerge_adaptive` and `prumerge_plus_adaptive`: they ignore the budget the pipeline passes and return
+`Reduced.lengths`, so the tables report them at the mean count they reach. For a fixed budget, two variants:
 
 - `prumerge_plus` follows the fixed-budget adaptation of EffiVLM-Bench (LoverLost/EffiVLM-Bench,
   `kv_cache_compression/siglip_model.py`, reference notes §2.3): keep the IQR outliers, then fill up to the budget
@@ -32,7 +34,7 @@ Deliberate differences from the reference:
   a nonlinear MLP, so projecting a merged feature is not merging projected tokens.
 - The IQR is computed per image; the reference flattens the whole batch before taking percentiles (it runs with
   batch size 1 only, reference notes §0).
-- The budget is fixed (see above). More outliers than the budget: the `budget` most attended are kept. Fewer: the
+- Fixed-budget variants (`prumerge`, `prumerge_plus`): the budget is fixed (see above). More outliers than the budget: the `budget` most attended are kept. Fewer: the
   fill rule supplies the rest. The summary token counts in the budget (`summary_token=True`: budget − 1 kept
   patches plus the summary), so the LLM sees exactly `budget` tokens; `summary_token=False` keeps `budget`
   patches and drops the summary.
@@ -42,12 +44,21 @@ Deliberate differences from the reference:
   so its count varies.
 - Neighbours: the reference takes 32 of 575; `neighbours` (default 32) is capped at N − 1. Equal similarities
   go to the lower patch index (the reference's `topk` leaves them unspecified).
+- Adaptive form (`prumerge_adaptive`, `prumerge_plus_adaptive`): the reference takes k = int(N · ratio) outliers
+  with ratio = c / N in floating point, and PruMerge+'s step int(int(1 / ratio) / 3); we take the c outliers and
+  step ⌊⌊N / c⌋ / 3⌋ in integers. They agree for LLaVA-1.5's N = 576 at every c (tested), but floating point
+  gives int(N · (c / N)) = c − 1 for some other N (e.g. N = 1176, c = 3). The reference's progression stops before
+  575 (N − 1 for its 576 patches); we stop before N − 1 for any N. No outliers: PruMerge keeps only the summary
+  token, as the reference; PruMerge+ too (the reference divides by zero). An image with several views (LLaVA-NeXT)
+  is reduced view by view, each with its own outliers and summary token.
 - Precision: attention, key similarities and the weighted sums are computed in float32 whatever the input dtype, the
   quartiles in float64 (the reference: the model's dtype, its percentiles in numpy's float64); the merged tokens are
   cast back to the input dtype (tested: bfloat16 inputs give the float32 result rounded to bfloat16).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +120,60 @@ def prumerge_plus(
     Returns: tokens [B, budget, D], sources [B, budget, N].
     """
     return prumerge(tokens, budget, fill="uniform", neighbours=neighbours, summary_token=summary_token, order=order)
+
+
+@register_method(
+    "prumerge_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)}, own_count=True
+)
+def prumerge_adaptive(tokens: VisualTokens, budget: int, *, neighbours: int = 32, order: str = "score") -> Reduced:
+    """The reference's PruMerge (`token_prune_merge_advanced`, if_adaptive=True): each image keeps its own IQR
+    outliers of the CLS attention, merged with their key-space neighbours, plus the summary token.
+
+    budget: ignored. The pipeline passes one (each image's share of the study's budget); the reference's k is the
+        image's own outlier count.
+    neighbours, order: as `prumerge` (order "score": by decreasing attention, the reference's).
+
+    Returns: tokens [B, k, D], sources [B, k, N], lengths [B] with k = max(lengths): row b's first lengths[b]
+    tokens are its outliers (merged) and the summary token, the rest zero tokens with no sources.
+    """
+    return _adaptive(tokens, plus=False, neighbours=neighbours, order=order)
+
+
+@register_method(
+    "prumerge_plus_adaptive", hparams={"neighbours": Hparam(min=0), "order": Hparam(choices=ORDERS)}, own_count=True
+)
+def prumerge_plus_adaptive(tokens: VisualTokens, budget: int, *, neighbours: int = 32, order: str = "score") -> Reduced:
+    """The reference's PruMerge+ (`token_prune_merge_advanced_plus`, if_adaptive=True, the shipped default): each
+    image's IQR outliers, then its spatial supplement (`adaptive_selection`, plus=True), merged as `prumerge_adaptive`.
+
+    budget: ignored (see `prumerge_adaptive`).
+
+    Returns: tokens [B, k, D], sources [B, k, N], lengths [B], as `prumerge_adaptive`.
+    """
+    return _adaptive(tokens, plus=True, neighbours=neighbours, order=order)
+
+
+def _adaptive(tokens: VisualTokens, plus: bool, neighbours: int, order: str) -> Reduced:
+    """Each image on its own, since each keeps its own count; padded to the longest row."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    if neighbours < 0:
+        raise ValueError(f"neighbours must be non-negative, got {neighbours}")
+    num_patches = tokens.num_patches
+    scores = tokens.cls_attention.float().mean(dim=1)
+    rows = []
+    for b, keep in enumerate(adaptive_selection(scores, plus=plus)):
+        if order == "spatial":
+            keep = keep.sort().values
+        alone = dataclasses.replace(tokens, projected=tokens.projected[b : b + 1], keys=tokens.keys[b : b + 1])
+        rows.append(_merge(alone, scores[b : b + 1], keep[None], min(neighbours, num_patches - 1), True))
+    lengths = [row.tokens.shape[1] for row in rows]
+    longest = max(lengths, default=0)
+    return Reduced(
+        tokens=torch.cat([F.pad(row.tokens, (0, 0, 0, longest - row.tokens.shape[1])) for row in rows]),
+        sources=torch.cat([F.pad(row.sources, (0, 0, 0, longest - row.sources.shape[1])) for row in rows]),
+        lengths=torch.tensor(lengths, dtype=torch.int64),
+    )
 
 
 def iqr_outliers(scores: torch.Tensor) -> torch.Tensor:
