@@ -55,3 +55,12 @@ def test_overlapping_windows(make_tokens):
 def test_budget_without_a_sensible_grid_is_rejected(make_tokens):
     with pytest.raises(ValueError, match="budget = 7 on the 24×24 grid"):
         pool(make_tokens(1, (24, 24), 2), 7)
+
+
+def test_fit_pools_to_the_largest_target_below_the_budget(make_tokens):
+    tokens = make_tokens(2, (6, 8), 3)
+    # 14 on 6 × 8: 1 × 14 and 2 × 7 exceed the grid or the aspect bound; 13 is prime; 12 = 3 × 4 has square cells
+    fitted = pool(tokens, 14, fit=True)
+    assert torch.equal(fitted.tokens, pool(tokens, 12).tokens) and fitted.tokens.shape[1] == 12
+    with pytest.raises(ValueError, match="set fit: true"):
+        pool(tokens, 14)

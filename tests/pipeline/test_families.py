@@ -111,13 +111,15 @@ def applicable_methods(model_cfg) -> dict[str, dict]:
     import yaml
 
     from vtc.config_check import check_method_models
-    from vtc.methods import method_entry
 
     zoo = yaml.safe_load(open("configs/shapes-zoo.yaml"))["methods"]
+    zoo["pool"] = {"fit": True}  # ratios of ragged grids: the largest rows × cols below the budget
+    zoo |= {"prumerge_adaptive": {}, "prumerge_plus_adaptive": {}}
     refused = "\n".join(check_method_models({"models": {"m": model_cfg}, "methods": zoo}))
     return {name: entry for name, entry in zoo.items() if f"'methods.{name}'" not in refused and name != "full"}
 
 
+@pytest.mark.slow
 def test_every_method_the_family_runs_goes_through_the_pipeline(family_run):
     """Each method that applies to the family (the README's table), at a ratio, on 12 questions of ragged images."""
     from vtc.methods import method_entry, method_stage
@@ -137,3 +139,39 @@ def test_every_method_the_family_runs_goes_through_the_pipeline(family_run):
         stats = generate_predictions(dataset, "shapes", out / "r", model_cfg, 6, 0, 1, out / "p.jsonl", out / "s.json")
         assert stats["n"] == 12 and stats["vision_tower_calls"] == 0, name
         assert all(json.loads(line)["prediction"] is not None for line in open(out / "p.jsonl")), name
+
+
+@pytest.mark.slow
+def test_tiny_qwen_and_llava_next_study_runs_end_to_end(tmp_path, tiny_qwen_model_dir, tiny_next_model_dir,
+                                                        ragged_shapes_dir):  # fmt: skip
+    """The workflow on both families at once: a ratio and a count budget, an adaptive method, tables of the tokens
+    fed."""
+    import polars as pl
+    from test_workflow import snakemake, write_config
+
+    models = {
+        "qwen": {"path": str(tiny_qwen_model_dir), "family": "qwen2_5_vl", "dtype": "float32", "device": "cpu"},
+        "next": {"path": str(tiny_next_model_dir), "family": "llava_next", "dtype": "float32", "device": "cpu"},
+    }
+    write_config(
+        tmp_path, tiny_qwen_model_dir, experiment="families", models=models, budgets=[0.25, 8],
+        datasets={"ragged": {"benchmark": "shapes", "source": str(ragged_shapes_dir), "split": "test", "limit": 16}},
+        methods={"full": {}, "random": {}, "pool": {"fit": True}, "cluster": {}, "visionzip": {},
+                 "prumerge_adaptive": {}},
+        saliency={"datasets": []},
+    )  # fmt: skip
+    result = snakemake(tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = pl.read_parquet(tmp_path / "results/tables/families/results.parquet")
+    accuracy = table.filter(pl.col("metric") == "accuracy")
+    runs = set(accuracy.select("model", "method", "budget").rows())
+    expected = {(m, "full", 1.0) for m in models} | {(m, "prumerge_adaptive", 1.0) for m in models}
+    expected |= {(m, method, b) for m in models for method in ("random", "pool", "cluster", "visionzip") for b in (0.25, 8)}
+    assert runs == expected
+    ragged = accuracy.filter((pl.col("method") == "random") & (pl.col("budget") == 0.25))
+    assert (ragged["tokens_min"] < ragged["tokens_max"]).all()  # images of different token counts
+    markdown = (tmp_path / "results/tables/families/results.md").read_text()
+    assert "25.0% of tokens" in markdown and "8 tokens" in markdown
+    for metrics in (tmp_path / "results/evaluate").rglob("metrics.json"):
+        assert json.loads(metrics.read_text())["vision_tower_calls"] == 0
+    assert not (tmp_path / "results/efficiency").exists()  # vtc.bench times LLaVA-1.5 only

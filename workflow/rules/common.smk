@@ -10,6 +10,7 @@ from vtc.models import family as model_family
 from vtc.methods import (
     HparamError,
     entry_budgets,
+    keeps_own_count,
     parse_budget,
     method_entry,
     method_stage,
@@ -42,10 +43,13 @@ wildcard_constraints:
 
 
 def budgets_for(method, model):
-    """`full` runs once, at the model's token count (the ratio 1.0 for a family whose count varies per image); every
-    other method at each of its budgets (the entry's `budgets`, else the study's)."""
+    """`full` runs once, at the model's token count (the ratio 1.0 for a family whose count varies per image), and so
+    does a method that keeps its own count per image (adaptive PruMerge); every other method at each of its budgets
+    (the entry's `budgets`, else the study's)."""
     if registered_method(method) == "full":
         return [config["models"][model].get("num_visual_tokens", 1.0)]
+    if keeps_own_count(registered_method(method)):  # adaptive: the same result at any budget, so one run, labelled 1.0
+        return [1.0]
     return entry_budgets(config["methods"][method], config["budgets"])
 
 
