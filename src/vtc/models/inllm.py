@@ -360,7 +360,7 @@ def next_position(positions: torch.Tensor) -> torch.Tensor:
 
 
 def _check_positions(positions: torch.Tensor, valid: torch.Tensor) -> None:
-    if positions.shape[-2:] != valid.shape or positions.dim() not in (2, 3):
+    if positions.shape[-2:] != valid.shape or not (positions.dim() == 2 or positions.shape[:1] == (3,)):
         raise ValueError(
             f"position_ids must be [B, L] or [3, B, L] for an attention mask {tuple(valid.shape)}, got "
             f"{tuple(positions.shape)}"
@@ -439,8 +439,8 @@ def generate_pruned(
     inputs_embeds [B, L, D] and attention_mask [B, L] as `llava.splice_visual_tokens` makes them; image_mask [B, L]
     bool marks each row's N image positions (the same N in every row, one contiguous block). position_ids: the prompt's
     [B, L] or [3, B, L] (M-RoPE) ids; default `padded_positions` (what `model.generate` gives a 1-D model).
-    prompt_ids [B, L] and repetition_penalty: the prompt's token ids and the penalty to apply to them and to the
-    generated ids (`repetition_penalized`); neither: no penalty.
+    repetition_penalty (None or 1: none) and prompt_ids [B, L]: the penalty to apply to the prompt's token ids and the
+    generated ones (`repetition_penalized`), as `model.generate` does with the generation config's.
     """
     from transformers import DynamicCache
 
@@ -449,9 +449,10 @@ def generate_pruned(
     layers = language_model.layers
     batch, num_patches = inputs_embeds.shape[0], plan_.num_patches
     valid = attention_mask.bool()
-    if (prompt_ids is None) != (repetition_penalty is None):
-        raise ValueError("a repetition penalty needs the prompt's ids: give both prompt_ids and repetition_penalty")
-    seen = None if prompt_ids is None else seen_tokens(prompt_ids, attention_mask, model.lm_head.out_features)
+    penalized = repetition_penalty is not None and repetition_penalty != 1.0
+    if penalized and prompt_ids is None:
+        raise ValueError(f"a repetition penalty ({repetition_penalty}) needs the prompt's ids (prompt_ids)")
+    seen = seen_tokens(prompt_ids, attention_mask, model.lm_head.out_features) if penalized else None
     image_counts = image_mask.sum(dim=1)
     if not bool((image_counts == num_patches).all()):
         raise ValueError(f"every row must hold {num_patches} image tokens, got {image_counts.tolist()}")
