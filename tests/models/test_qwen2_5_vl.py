@@ -423,3 +423,27 @@ def test_pruned_loop_refuses_ragged_batches(qwen_loaded):
     model, processor, _, prompts, views = qwen_loaded
     with pytest.raises(ValueError, match="one token count"):
         qwen.generate_pruned(model, processor, prompts[:2], [full(v[0]) for v in views[:2]], 2, fastv_plans())
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "hparams"),
+    [
+        ("dart", 4, {"budget_mode": "kept", "layer": 1}),
+        ("sparsevlm", 8, {"layers": [1], "keep": "fit"}),  # adds recycled tokens: renumbered positions
+        ("pyramiddrop", 7, {"layers": [1]}),
+    ],
+)
+def test_other_in_llm_methods_run_with_3d_positions_batched_as_alone(qwen_loaded, method, budget, hparams):
+    model, processor, _, prompts, views = qwen_loaded
+    images = same_count(views)
+
+    def plan_for(k):
+        return inllm.plan(method, budget, hparams, 2, k)
+
+    batch = qwen.generate_pruned(model, processor, prompts, images, 4, plan_for)
+    assert batch.plan.per_layer[0] == K_SAME > batch.plan.per_layer[1]
+    assert batch.pruned_sources.shape == (3, batch.plan.per_layer[1], K_SAME)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = qwen.generate_pruned(model, processor, [prompt], [image], 4, plan_for)
+        assert batch.ids[row, : alone.ids.shape[1]].tolist() == alone.ids[0].tolist(), row
+        assert torch.equal(batch.pruned_sources[row], alone.pruned_sources[0])
