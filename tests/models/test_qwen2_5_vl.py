@@ -419,10 +419,18 @@ def test_recomputed_attention_rows_are_eager_attention_of_the_qwen_layers(qwen_l
     assert out.pruned_sources[0].int().argmax(dim=-1).tolist() == expected.tolist()
 
 
-def test_pruned_loop_refuses_ragged_batches(qwen_loaded):
+def test_pruned_loop_refuses_ragged_batches_and_sliding_windows(qwen_loaded):
     model, processor, _, prompts, views = qwen_loaded
     with pytest.raises(ValueError, match="one token count"):
         qwen.generate_pruned(model, processor, prompts[:2], [full(v[0]) for v in views[:2]], 2, fastv_plans())
+    config = model.model.language_model.config
+    saved = config.layer_types
+    config.layer_types = ["full_attention", "sliding_attention"]  # use_sliding_window with max_window_layers 1
+    try:
+        with pytest.raises(NotImplementedError, match="sliding"):
+            qwen.generate_pruned(model, processor, prompts[:1], [full(views[0][0])], 2, fastv_plans())
+    finally:
+        config.layer_types = saved
 
 
 @pytest.mark.parametrize(
