@@ -344,3 +344,69 @@ def test_encode_key_extras_names_what_the_views_depend_on(tiny):
     json.dumps(extras)  # goes into a cache key
     assert llava_next.vision_tower(model) is model.model.vision_tower
     assert llava_next.attention_implementation(model) == "sdpa"
+
+
+def fastv_plans(keep=None, **hparams):
+    """plan_for of FastV at layer 2 of the tiny model's 4: keeping `keep` block entries (None: all of them)."""
+    return lambda m: inllm.plan("fastv", m if keep is None else keep, {"budget_mode": "kept", **hparams}, 4, m)
+
+
+def same_block(encoded):
+    """Two hand-made reductions of different images whose blocks have one length: 4 base tokens, 5 high-resolution
+    tokens (one merged) over 3 rows of view 1 → 3 newlines, 12 entries."""
+    # encoded[0]: 6 × 16 (rows 0, 0, 1, 2, 2); encoded[1]: 16 × 12 (rows 0, 1, 1, 8, 8), one merge within row 1
+    first = hand_made(encoded[0], [0, 5, 9, 63], [[3], [10], [20], [40], [41]], seed=3)
+    second = hand_made(encoded[1], [1, 2, 30, 40], [[0], [13, 14], [15], [100], [101]], seed=4)
+    return [first, second]
+
+
+def test_generate_pruned_keeping_everything_is_generate(tiny, prompts, encoded):
+    """`generate_pruned` with a plan that keeps every entry of the block (tokens and newlines) == `generate`, for the
+    full image and for two reduced images in one left-padded batch; its pruned_sources map each block entry back to
+    its reduced token, a newline to none."""
+    model, processor = tiny
+    full = llava_next.full_image(encoded[0])
+    for images in ([full, full], same_block(encoded)):
+        reference = llava_next.generate(model, processor, prompts[:2], images, max_new_tokens=5)
+        out = llava_next.generate_pruned(model, processor, prompts[:2], images, 5, fastv_plans())
+        block = len(images[0].tokens) + reference.structural_tokens[0]
+        assert out.plan.keep == block and out.plan.per_layer == [block] * 4
+        assert torch.equal(out.ids, reference.ids)
+        assert out.new_tokens == reference.new_tokens and out.text_tokens == reference.text_tokens
+        assert out.structural_tokens == reference.structural_tokens
+        k = len(images[0].tokens)
+        assert out.pruned_sources.shape == (2, block, k)
+        for row, image in enumerate(images):
+            expected = torch.zeros(block, k, dtype=torch.bool)
+            expected[llava_next.token_slots(image), torch.arange(k)] = True
+            assert torch.equal(out.pruned_sources[row], expected)
+            assert int(expected.any(dim=1).logical_not().sum()) == out.structural_tokens[row]  # newlines cover none
+
+
+@pytest.mark.parametrize(("method", "positions"), [("fastv", "original"), ("dart", "renumbered")])
+def test_generate_pruned_prunes_and_batched_equals_one_at_a_time(tiny, prompts, encoded, method, positions):
+    model, processor = tiny
+    images = same_block(encoded)
+
+    def plan_for(m):
+        return inllm.plan(method, 5, {"budget_mode": "kept", "positions": positions}, 4, m)
+
+    batch = llava_next.generate_pruned(model, processor, prompts[:2], images, 5, plan_for)
+    assert batch.plan.per_layer == [12, 12, 5, 5] and batch.structural_tokens == [3, 3]
+    assert batch.pruned_sources.shape == (2, 5, 9)
+    assert bool((batch.pruned_sources.sum(dim=-1) <= 1).all())  # a kept entry is one token or a newline
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = llava_next.generate_pruned(model, processor, [prompt], [image], 5, plan_for)
+        assert torch.equal(batch.ids[row, : alone.ids.shape[1]], alone.ids[0]), row
+        assert torch.equal(batch.pruned_sources[row], alone.pruned_sources[0])
+        assert batch.new_tokens[row] == alone.new_tokens[0] and batch.text_tokens[row] == alone.text_tokens[0]
+    # what the pipeline's target_recall scores: kept tokens' sources over the image's input tokens
+    covered = (batch.pruned_sources[0].float() @ images[0].sources.float()) > 0
+    assert covered.shape == (5, images[0].sources.shape[1]) and 0 < int(covered.sum()) <= 5
+
+
+def test_generate_pruned_refuses_a_batch_of_two_block_lengths(tiny, prompts, encoded):
+    model, processor = tiny
+    images = [llava_next.full_image(encoded[0]), llava_next.full_image(encoded[2])]
+    with pytest.raises(ValueError, match="one length"):
+        llava_next.generate_pruned(model, processor, prompts[:2], images, 2, fastv_plans())

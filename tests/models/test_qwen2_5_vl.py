@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vtc.models import ReducedImage
+from vtc.models import ReducedImage, inllm
 from vtc.models import qwen2_5_vl as qwen
 from vtc.models import tiny_qwen2_5_vl as tiny
 
@@ -299,3 +299,159 @@ def test_prompt_is_lmms_evals_and_the_chat_template_is_found(qwen_loaded, tmp_pa
             qwen._chat_template(str(empty), None, tokenizer)
     finally:
         tokenizer.chat_template = template
+
+
+# In-LLM pruning (`generate_pruned`, `vtc.models.inllm` with 3-D positions). The tiny model has 2 decoder layers, so
+# FastV prunes at layer 1; the batches are ragged-free (every row k = 10 tokens, as the loop requires).
+K_SAME = 10
+
+
+def same_count(views):
+    """One 10-token image per test image (the 4 × 4 and 3 × 5 grids pruned at random, the 5 × 2 grid whole)."""
+    return [pruned(v[0], K_SAME, seed) for seed, v in enumerate(views)]
+
+
+def fastv_plans(keep=None, positions="original"):
+    hparams = {"budget_mode": "kept", "layer": 1, "positions": positions}
+    return lambda k: inllm.plan("fastv", k if keep is None else keep, hparams, 2, k)
+
+
+@pytest.mark.parametrize("penalty", [1.05, 1.6])
+def test_pruned_loop_keeping_everything_generates_what_generate_does(qwen_loaded, penalty):
+    """Keep everything: the pruning loop at 3-D original positions == the adapter's `generate` (original), token for
+    token, with the checkpoint's repetition penalty and a strong one."""
+    model, processor, _, prompts, views = qwen_loaded
+    images = same_count(views)
+    model.generation_config.repetition_penalty = penalty
+    try:
+        reference = qwen.generate(model, processor, prompts, images, MAX_NEW, "original")
+        out = qwen.generate_pruned(model, processor, prompts, images, MAX_NEW, fastv_plans())
+        model.generation_config.repetition_penalty = 1.0
+        unpenalized = qwen.generate_pruned(model, processor, prompts, images, MAX_NEW, fastv_plans())
+    finally:
+        model.generation_config.repetition_penalty = 1.05
+    assert out.plan.per_layer == [K_SAME, K_SAME]
+    assert torch.equal(out.ids, reference.ids)
+    assert out.new_tokens == reference.new_tokens and out.text_tokens == reference.text_tokens
+    assert torch.equal(out.pruned_sources, torch.eye(K_SAME, dtype=torch.bool).expand(3, -1, -1))
+    if penalty == 1.6:
+        assert not torch.equal(out.ids, unpenalized.ids)  # the loop applies the penalty
+    # 1-D positions everywhere give other tokens: the loop's 3-D positions are not a no-op
+    renumbered = qwen.generate(model, processor, prompts, images, MAX_NEW, "renumbered")
+    assert not torch.equal(out.ids, renumbered.ids)
+
+
+def rotary_positions(model):
+    """Records the position ids of every call of the language model's rotary embedding."""
+    seen = []
+    hook = model.model.language_model.rotary_emb.register_forward_hook(lambda m, args, out: seen.append(args[1]))
+    return seen, hook
+
+
+@pytest.mark.parametrize("positions", ["original", "renumbered"])
+def test_fastv_prunes_with_3d_positions_and_batched_equals_one_at_a_time(qwen_loaded, positions):
+    model, processor, _, prompts, views = qwen_loaded
+    images, keep = same_count(views), 3
+    seen, hook = rotary_positions(model)
+    try:
+        batch = qwen.generate_pruned(model, processor, prompts, images, MAX_NEW, fastv_plans(keep, positions))
+    finally:
+        hook.remove()
+    assert batch.plan.per_layer == [K_SAME, keep] and batch.pruned_sources.shape == (3, keep, K_SAME)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = qwen.generate_pruned(model, processor, [prompt], [image], MAX_NEW, fastv_plans(keep, positions))
+        assert batch.ids[row, : alone.ids.shape[1]].tolist() == alone.ids[0].tolist(), row
+        assert torch.equal(batch.pruned_sources[row], alone.pruned_sources[0])
+        assert batch.new_tokens[row] == alone.new_tokens[0] and batch.text_tokens[row] == alone.text_tokens[0]
+
+    # the positions layer 1 got: the prompt's (t, row, col) with only the kept image tokens, or a 1-D run
+    _, mask, prompt_positions, image_mask = qwen.build_inputs(model, processor, prompts, images, "original")
+    prefill, after = seen[0], seen[1]
+    assert torch.equal(prefill, prompt_positions)
+    kept = batch.pruned_sources.int().argmax(dim=-1)  # [B, keep] each kept token's index among the row's k
+    for row in range(3):
+        valid = mask[row].bool()
+        start = int(image_mask[row].int().argmax())
+        order = torch.cat([torch.arange(start), start + kept[row], torch.arange(start + K_SAME, mask.shape[1])])
+        pruned_valid = valid[order]
+        got = after[:, row][:, pruned_valid]
+        if positions == "original":
+            expected = prompt_positions[:, row, order][:, pruned_valid]
+        else:
+            expected = torch.arange(int(pruned_valid.sum())).expand(3, -1)
+        assert torch.equal(got, expected), row
+    # decode: layer 0 continues after the unpruned prompt's largest id; layer 1 too with original positions, and after
+    # the pruned sequence's length with renumbered ones
+    largest = prompt_positions.amax(dim=(0, 2))
+    step0, step1 = seen[2][:, :, 0], seen[3][:, :, 0]
+    assert torch.equal(step0, (largest + 1).expand(3, -1))
+    pruned_length = mask.sum(dim=1) - K_SAME + keep
+    assert torch.equal(step1, (largest + 1 if positions == "original" else pruned_length).expand(3, -1))
+
+
+def test_recomputed_attention_rows_are_eager_attention_of_the_qwen_layers(qwen_loaded, monkeypatch):
+    """The rows the loop recomputes at FastV's layer K = 1 (with M-RoPE positions): the last prompt token's
+    head-averaged attention of layer 0 (from the cached keys) and of layer 1 before it runs (PyramidDrop's
+    `layer_attention`), equal eager attention's maps of the full prompt; FastV keeps eager attention's top 4."""
+    model, processor, _, prompts, views = qwen_loaded
+    image = same_count(views)[1]
+    states = []
+    real = inllm.LayerState
+    monkeypatch.setattr(inllm, "LayerState", lambda **fields: states.append(real(**fields)) or states[-1])
+    out = qwen.generate_pruned(model, processor, prompts[1:2], [image], 1, fastv_plans(4))
+    ids, mask, positions, image_mask = qwen.build_inputs(model, processor, prompts[1:2], [image], "original")
+    language_model = model.model.language_model
+    language_model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            attentions = language_model(
+                inputs_embeds=qwen._embedded(model, ids, image_mask, [image]), attention_mask=mask,
+                position_ids=positions, output_attentions=True,
+            ).attentions  # fmt: skip
+    finally:
+        language_model.set_attn_implementation("sdpa")
+    (state,) = states
+    last = torch.zeros_like(mask, dtype=torch.bool)
+    last[:, -1] = True
+    torch.testing.assert_close(state.last_attention[0], attentions[0][0].mean(dim=0)[-1])
+    torch.testing.assert_close(state.layer_attention(last)[0], attentions[1][0].mean(dim=0)[-1])
+    expected = attentions[0][0].mean(dim=0)[-1][image_mask[0]].topk(4).indices.sort().values
+    assert out.pruned_sources[0].int().argmax(dim=-1).tolist() == expected.tolist()
+
+
+def test_pruned_loop_refuses_ragged_batches_and_sliding_windows(qwen_loaded):
+    model, processor, _, prompts, views = qwen_loaded
+    with pytest.raises(ValueError, match="one token count"):
+        qwen.generate_pruned(model, processor, prompts[:2], [full(v[0]) for v in views[:2]], 2, fastv_plans())
+    config = model.model.language_model.config
+    saved = config.layer_types
+    config.layer_types = ["full_attention", "sliding_attention"]  # use_sliding_window with max_window_layers 1
+    try:
+        with pytest.raises(NotImplementedError, match="sliding"):
+            qwen.generate_pruned(model, processor, prompts[:1], [full(views[0][0])], 2, fastv_plans())
+    finally:
+        config.layer_types = saved
+
+
+@pytest.mark.parametrize(
+    ("method", "budget", "hparams"),
+    [
+        ("dart", 4, {"budget_mode": "kept", "layer": 1}),
+        ("sparsevlm", 8, {"layers": [1], "keep": "fit"}),  # adds recycled tokens: renumbered positions
+        ("pyramiddrop", 7, {"layers": [1]}),
+    ],
+)
+def test_other_in_llm_methods_run_with_3d_positions_batched_as_alone(qwen_loaded, method, budget, hparams):
+    model, processor, _, prompts, views = qwen_loaded
+    images = same_count(views)
+
+    def plan_for(k):
+        return inllm.plan(method, budget, hparams, 2, k)
+
+    batch = qwen.generate_pruned(model, processor, prompts, images, 4, plan_for)
+    assert batch.plan.per_layer[0] == K_SAME > batch.plan.per_layer[1]
+    assert batch.pruned_sources.shape == (3, batch.plan.per_layer[1], K_SAME)
+    for row, (prompt, image) in enumerate(zip(prompts, images)):
+        alone = qwen.generate_pruned(model, processor, [prompt], [image], 4, plan_for)
+        assert batch.ids[row, : alone.ids.shape[1]].tolist() == alone.ids[0].tolist(), row
+        assert torch.equal(batch.pruned_sources[row], alone.pruned_sources[0])

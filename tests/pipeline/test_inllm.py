@@ -172,3 +172,33 @@ def test_original_positions_are_the_unreduced_prompt_positions_the_decoder_layer
     # the decode steps continue from each row's last prompt position: b + N + a, then + 1
     decoded = [[b + N + a + step for b, a in zip(before, after)] for step in (0, 1)]
     assert [positions[:, 0].tolist() for positions in seen[1:]] == decoded
+
+
+def test_fastv_runs_on_llava_next_through_the_pipeline(shapes_dir, tmp_path):
+    """LLaVA-NeXT's `generate_pruned` from the pipeline: the plan is made for the LLM's image block (the image's N
+    tokens and its high-resolution rows' newlines), and target recall is scored on the tokens the last layers keep."""
+    import json
+
+    from vtc.models.tiny_llava_next import build
+    from vtc.pipeline.encode import encode_dataset, expected_encode_key
+    from vtc.pipeline.evaluate import generate_predictions
+    from vtc.pipeline.prepare import prepare_dataset
+    from vtc.pipeline.reduce import reduce_dataset
+
+    model_cfg = {"path": str(build(tmp_path / "tiny-next")), "dtype": "float32", "device": "cpu",
+                 "attn_implementation": "sdpa", "family": "llava_next"}  # fmt: skip
+    dataset = tmp_path / "shapes.parquet"
+    prepare_dataset("shapes", str(shapes_dir), "test", None, 4, 0, dataset)
+    encode_dataset(dataset, model_cfg, tmp_path / "encode", batch_size=4, shard_size=8)
+    manifest = reduce_dataset(tmp_path / "encode", expected_encode_key(model_cfg), "fastv", 200, {}, 0, tmp_path / "r")
+    predictions, stats_path = tmp_path / "0.jsonl", tmp_path / "0.json"
+    stats = generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 4, 0, 1, predictions, stats_path)
+    (n,) = set(manifest["num_tokens"])  # the shapes images share one size: one block length
+    block, *_, keep = stats["in_llm"]["visual_tokens_per_layer"]
+    assert block > n  # the newlines are in the block the method prunes
+    assert (
+        stats["in_llm"]["visual_tokens_per_layer"] == [block, block, keep, keep] and keep == (4 * 200 - 2 * block) // 2
+    )
+    assert stats["vision_tower_calls"] == 0 and stats["n"] == 4
+    recalls = [json.loads(line)["target_recall"] for line in predictions.read_text().splitlines()]
+    assert len(recalls) == 4 and all(r is None or 0 <= r <= 1 for r in recalls) and any(r is not None for r in recalls)

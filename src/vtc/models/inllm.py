@@ -1,7 +1,8 @@
 """Greedy decoding that prunes visual tokens inside the language model (methods registered with stage="llm").
 
-`generate_pruned` runs LLaVA's language model layer by layer (embedding → decoder layers → norm → lm_head) with a
-`DynamicCache`, for a left-padded batch. A plan has one or more stages (`vtc.methods.Stage`; FastV and DART one,
+`generate_pruned` runs a VLM's language model layer by layer (embedding → decoder layers → norm → lm_head) with a
+`DynamicCache`, for a left-padded batch: LLaVA-1.5's and LLaVA-NeXT's Llama, and Qwen2.5-VL's Qwen2 decoder with its 3-D
+multimodal rotary positions (M-RoPE). A plan has one or more stages (`vtc.methods.Stage`; FastV and DART one,
 SparseVLM three), each with its layer K:
 
 - prefill runs layers 0 … K₁−1 on the whole sequence; at each stage's layer K the method gets a `LayerState` (the
@@ -26,6 +27,20 @@ FlashAttention-2 (which takes 2-D padding masks) is not supported by this loop.
 
 With nothing pruned (keep = N at every stage) the loop gives `model.generate`'s greedy ids token for
 token (tested on the tiny model for a left-padded batch).
+
+3-D positions (Qwen2.5-VL): position ids may be [3, B, L], the (t, row, col) ids of M-RoPE. The language model's own
+`rotary_emb` turns them into cos/sin tables [B, L, d] (in transformers 5.x it interleaves the three axes' frequencies by
+`mrope_section` itself, where older versions did it in `apply_multimodal_rotary_pos_emb`), so the decoder layers and the
+recomputed attention rows apply them with the family's ordinary `apply_rotary_pos_emb`, as for Llama. Pruning gathers
+all three rows; `positions="original"` keeps each kept token's (t, row, col), `"renumbered"` gives the new sequence a
+1-D run (the same id on the three axes, as text); a decode step's id is the same on the three axes and continues from
+the largest id of its group's positions + 1 (with original positions the text after the image is never pruned, so
+that is the unpruned prompt's largest + 1, what Qwen2.5-VL's cached `rope_deltas` give). The layers get
+`position_ids=None` with 3-D positions, as Qwen2.5-VL's text model passes them (they only matter to FlashAttention).
+
+Repetition penalty: Qwen2.5-VL checkpoints set `generation_config.repetition_penalty` (1.05), which `model.generate`
+applies even when greedy; `generate_pruned` applies it the same way when given (`repetition_penalized`, over the prompt's
+ids and the generated ones), so that keeping everything still gives `model.generate`'s ids.
 """
 
 from __future__ import annotations
@@ -221,12 +236,27 @@ def query_attention(
     return (weights.mean(dim=1) * weight[..., None]).sum(dim=1)
 
 
+def _rotary_functions(attention):
+    """(apply_rotary_pos_emb, repeat_kv) of the modeling module that defines `attention`'s class (Llama's, Qwen2.5-VL's,
+    ...), Llama's where that module has none: the layer's own rotary application, on the cos/sin tables [B, L, d] that
+    its language model's `rotary_emb` makes (3-D M-RoPE positions included)."""
+    import sys
+
+    from transformers.models.llama import modeling_llama
+
+    module = sys.modules.get(type(attention).__module__)
+    return (
+        getattr(module, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb),
+        getattr(module, "repeat_kv", modeling_llama.repeat_kv),
+    )
+
+
 def query_weights(
     attention, hidden_in: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, cos_sin, rows: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`query_attention`'s pieces: per-head weights [B, H, Q, L] of each row's query positions (first, ascending, then
     fillers) and each query's share [B, Q] of its row's average (1/count for a query, 0 for a filler)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+    apply_rotary_pos_emb, repeat_kv = _rotary_functions(attention)
 
     batch, length, width = *rows.shape, max(int(rows.sum(dim=1).max()), 1)
     count = rows.sum(dim=1, keepdim=True)
@@ -249,9 +279,8 @@ def upcoming_attention(layer, hidden: torch.Tensor, valid: torch.Tensor, cos_sin
     """`query_attention` of the query positions `rows` at decoder layer `layer` before it runs: its input norm, query
     and key projections applied to its input `hidden` [B, L, D], the keys rotated by `cos_sin` (the positions the layer
     would give them). [B, L]; the whole sequence's keys are projected, once per call."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
     attention = layer.self_attn
+    apply_rotary_pos_emb, _ = _rotary_functions(attention)
     hidden_in = layer.input_layernorm(hidden)
     batch, length = hidden.shape[:2]
     keys = attention.k_proj(hidden_in).view(batch, length, -1, attention.head_dim).transpose(1, 2)
@@ -304,16 +333,76 @@ def _eos_list(eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
+def _layer_position_ids(positions: torch.Tensor) -> torch.Tensor | None:
+    """What a decoder layer gets as `position_ids` (only FlashAttention reads it): 1-D ids as they are; none for 3-D
+    M-RoPE ids, as Qwen2.5-VL's text model passes none for them."""
+    return positions if positions.dim() == 2 else None
+
+
+def gather_positions(positions: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] or [3, B, L] → those at `order` [B, L'] of each row: [B, L'] or [3, B, L']."""
+    return positions.gather(-1, order.expand(*positions.shape[:-2], *order.shape))
+
+
+def renumbered_positions(valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`padded_positions(valid)`, shaped like `like` ([B, L], or [3, B, L]: the same 1-D run on the three axes)."""
+    positions = padded_positions(valid)
+    return positions if like.dim() == 2 else positions.expand(like.shape[0], -1, -1)
+
+
+def next_position(positions: torch.Tensor) -> torch.Tensor:
+    """Position id of the first decode step after a group's sequence: 1-D [B, 1], its last id + 1; 3-D [3, B, 1], the
+    row's largest id over the three axes + 1 on each axis (Qwen2.5-VL's `rope_deltas`: the text after an image starts
+    past the image's largest row or column id, so the last id need not be the largest in general)."""
+    if positions.dim() == 2:
+        return positions[:, -1:] + 1
+    return (positions.amax(dim=(0, 2)) + 1).view(1, -1, 1).expand(positions.shape[0], -1, 1)
+
+
+def _check_positions(positions: torch.Tensor, valid: torch.Tensor) -> None:
+    if positions.shape[-2:] != valid.shape or not (positions.dim() == 2 or positions.shape[:1] == (3,)):
+        raise ValueError(
+            f"position_ids must be [B, L] or [3, B, L] for an attention mask {tuple(valid.shape)}, got "
+            f"{tuple(positions.shape)}"
+        )
+
+
+def _check_full_attention(config) -> None:
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise NotImplementedError(
+            f"the in-LLM decoder loop builds full causal masks; layer types {sorted(kinds)} (sliding-window layers) "
+            "are not supported"
+        )
+
+
+def repetition_penalized(logits: torch.Tensor, seen: torch.Tensor, penalty: float | None) -> torch.Tensor:
+    """transformers' `RepetitionPenaltyLogitsProcessor`: logits [B, V] of the tokens in `seen` [B, V] bool divided by
+    `penalty` where positive, multiplied by it where negative; unchanged for penalty None or 1."""
+    if penalty is None or penalty == 1.0:
+        return logits
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def seen_tokens(prompt_ids: torch.Tensor, attention_mask: torch.Tensor, vocabulary: int) -> torch.Tensor:
+    """[B, V] bool: the ids of each row's prompt [B, L] (padding excluded), what the repetition penalty starts from."""
+    seen = torch.zeros(prompt_ids.shape[0], vocabulary, dtype=torch.bool, device=prompt_ids.device)
+    # a padding position scatters the row's last id, which is a prompt id anyway (left padding)
+    return seen.scatter_(1, torch.where(attention_mask.bool(), prompt_ids, prompt_ids[:, -1:]), True)
+
+
 def _run_layers(language_model, layers, hidden, valid, positions, cache):
     """Prefill of `layers` on the sequence: (output, the last layer's input after its input norm, rotary embedding)."""
     rope = language_model.rotary_emb(hidden, positions)
     mask = causal_mask(valid, valid.shape[1], language_model.config._attn_implementation, hidden.dtype)
+    layer_positions = _layer_position_ids(positions)
     normed_in = None
     for index, layer in enumerate(layers):
         if index == len(layers) - 1:
             normed_in = layer.input_layernorm(hidden)
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                       position_embeddings=rope)  # fmt: skip
+        hidden = layer(hidden, attention_mask=mask, position_ids=layer_positions, past_key_values=cache,
+                       use_cache=True, position_embeddings=rope)  # fmt: skip
     return hidden, normed_in, rope
 
 
@@ -341,18 +430,29 @@ def generate_pruned(
     max_new_tokens: int,
     eos_token_id=None,
     pad_token_id: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    prompt_ids: torch.Tensor | None = None,
+    repetition_penalty: float | None = None,
 ) -> PrunedGeneration:
     """Greedy generation for a left-padded batch, pruning image tokens at each stage of `plan_`.
 
     inputs_embeds [B, L, D] and attention_mask [B, L] as `llava.splice_visual_tokens` makes them; image_mask [B, L]
-    bool marks each row's N image positions (the same N in every row, one contiguous block).
+    bool marks each row's N image positions (the same N in every row, one contiguous block). position_ids: the prompt's
+    [B, L] or [3, B, L] (M-RoPE) ids; default `padded_positions` (what `model.generate` gives a 1-D model).
+    repetition_penalty (None or 1: none) and prompt_ids [B, L]: the penalty to apply to the prompt's token ids and the
+    generated ones (`repetition_penalized`), as `model.generate` does with the generation config's.
     """
     from transformers import DynamicCache
 
     language_model = model.model.language_model
+    _check_full_attention(language_model.config)
     layers = language_model.layers
     batch, num_patches = inputs_embeds.shape[0], plan_.num_patches
     valid = attention_mask.bool()
+    penalized = repetition_penalty is not None and repetition_penalty != 1.0
+    if penalized and prompt_ids is None:
+        raise ValueError(f"a repetition penalty ({repetition_penalty}) needs the prompt's ids (prompt_ids)")
+    seen = seen_tokens(prompt_ids, attention_mask, model.lm_head.out_features) if penalized else None
     image_counts = image_mask.sum(dim=1)
     if not bool((image_counts == num_patches).all()):
         raise ValueError(f"every row must hold {num_patches} image tokens, got {image_counts.tolist()}")
@@ -363,11 +463,12 @@ def generate_pruned(
     sources = torch.eye(num_patches, dtype=torch.bool, device=image.device).expand(batch, -1, -1)
     cache = DynamicCache(config=language_model.config)
 
-    positions = padded_positions(valid)
+    positions = padded_positions(valid) if position_ids is None else position_ids
+    _check_positions(positions, valid)
     bounds = [stage.layer for stage in plan_.stages] + [len(layers)]
     hidden, normed_in, rope = _run_layers(language_model, layers[: bounds[0]], inputs_embeds, valid, positions, cache)
     # per group of layers between stages, for the decode steps: its layers, validity and next position id
-    groups = [(layers[: bounds[0]], valid, positions[:, -1:] + 1)]
+    groups = [(layers[: bounds[0]], valid, next_position(positions))]
     for stage, stop in zip(plan_.stages, bounds[1:]):
         keys = cache.layers[stage.layer - 1].keys
         attend = partial(query_attention, layers[stage.layer - 1].self_attn, normed_in, keys, valid, rope)
@@ -392,7 +493,10 @@ def generate_pruned(
         hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
         valid = torch.cat([valid, torch.ones_like(valid[:, : stage.merged])], dim=1).gather(1, order)
         # `plan` allows original positions only where nothing is added: order then indexes the old positions only
-        positions = positions.gather(1, order) if plan_.positions == "original" else padded_positions(valid)
+        if plan_.positions == "original":
+            positions = gather_positions(positions, order)
+        else:
+            positions = renumbered_positions(valid, positions)
         sources = torch.cat(
             [sources.gather(1, kept[..., None].expand(-1, -1, num_patches)),
              (selection.members.float() @ sources.float()) > 0],
@@ -401,8 +505,8 @@ def generate_pruned(
         image = image[:, :1] + torch.arange(stage.tokens, device=image.device)
         group = layers[stage.layer : stop]
         hidden, normed_in, rope = _run_layers(language_model, group, hidden, valid, positions, cache)
-        groups.append((group, valid, positions[:, -1:] + 1))
-    ids = _decode(model, hidden, cache, groups, max_new_tokens, eos_token_id, pad_token_id)
+        groups.append((group, valid, next_position(positions)))
+    ids = _decode(model, hidden, cache, groups, max_new_tokens, eos_token_id, pad_token_id, seen, repetition_penalty)
     return PrunedGeneration(ids, kept, sources)
 
 
@@ -427,15 +531,18 @@ def generate_at_positions(
     cache = DynamicCache(config=language_model.config)
     layers = language_model.layers
     hidden, _, _ = _run_layers(language_model, layers, inputs_embeds, valid, position_ids, cache)
-    groups = [(layers, valid, position_ids[:, -1:] + 1)]
+    groups = [(layers, valid, next_position(position_ids))]
     return _decode(model, hidden, cache, groups, max_new_tokens, eos_token_id, pad_token_id)
 
 
-def _decode(model, hidden, cache, groups, max_new_tokens: int, eos_token_id, pad_token_id) -> torch.Tensor:
+def _decode(
+    model, hidden, cache, groups, max_new_tokens: int, eos_token_id, pad_token_id, seen=None, repetition_penalty=None
+) -> torch.Tensor:
     """Greedy decode steps after a prefill into `cache` whose last hidden states are `hidden` [B, L, D]: ids [B, T].
 
     groups: per group of consecutive decoder layers, (layers, validity [B, S] of the positions its cache holds,
-    position id [B, 1] of the next token); each step runs every group over its own cache and mask."""
+    position id [B, 1] or [3, B, 1] of the next token); each step runs every group over its own cache and mask.
+    seen: [B, V] bool, the ids the repetition penalty applies to (updated in place), or None."""
     language_model = model.model.language_model
     batch = hidden.shape[0]
     implementation = language_model.config._attn_implementation
@@ -444,10 +551,14 @@ def _decode(model, hidden, cache, groups, max_new_tokens: int, eos_token_id, pad
     generated = []
     for step in range(max_new_tokens):
         logits = model.lm_head(language_model.norm(hidden[:, -1:]))[:, -1].float()
+        if seen is not None:
+            logits = repetition_penalized(logits, seen, repetition_penalty)
         token = logits.argmax(dim=-1)
         if pad_token_id is not None:
             token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
         generated.append(token)
+        if seen is not None:
+            seen.scatter_(1, token[:, None], unfinished[:, None])
         unfinished &= ~torch.isin(token, eos)
         if not bool(unfinished.any()) or step == max_new_tokens - 1:
             break
@@ -457,8 +568,9 @@ def _decode(model, hidden, cache, groups, max_new_tokens: int, eos_token_id, pad
             group_valid = torch.cat([group_valid, ones], dim=1)
             rope = language_model.rotary_emb(hidden, position)
             mask = causal_mask(group_valid, 1, implementation, hidden.dtype)
+            layer_position = _layer_position_ids(position)
             for layer in group:
-                hidden = layer(hidden, attention_mask=mask, position_ids=position, past_key_values=cache,
+                hidden = layer(hidden, attention_mask=mask, position_ids=layer_position, past_key_values=cache,
                                use_cache=True, position_embeddings=rope)  # fmt: skip
             groups[index] = (group, group_valid, position + 1)
     return torch.stack(generated, dim=1)

@@ -30,11 +30,20 @@ per row in `structural_tokens`. Positions are `renumbered` (consecutive, `model.
 newlines), a re-inserted newline at the end of its row, the text after the image as in the unreduced prompt
 (`vtc.models.inllm.generate_at_positions`).
 
+In-LLM methods (`generate_pruned`): the LLM's image block is the visual sequence above, the reduced tokens *and* the
+row-end newlines, as in the model's own sequence; FastV-style methods rank and prune all of its entries (a newline is
+a token of the LLM's sequence like any other), so the plan is made for the block length k + newlines and its layer
+average counts newlines. The decoder is Llama, run by `vtc.models.inllm` unchanged, at the renumbered (consecutive)
+prompt positions as for LLaVA-1.5 (with every token given, they are the unreduced prompt's). `Generation.pruned_sources`
+maps the entries the last layers keep back to the row's k reduced tokens (a kept newline covers none).
+
 Not supported (NotImplementedError at load and encode): `vision_feature_select_strategy` other than "default" (the
 tower's CLS would be a token) and several `vision_feature_layer`s (LLaVA-OneVision-style concatenation).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
@@ -49,8 +58,8 @@ from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_devi
 
 # The LLM gets the CLS-free feature layer behind a projector (no patch merger): every method that selects or merges
 # tokens applies; in-LLM methods run through `vtc.models.inllm` unchanged (the decoder is Llama, under
-# `model.model.language_model`), with the newlines inside the image block.
-PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": False, "positions": "renumbered"}
+# `model.model.language_model`), with the newlines inside the image block (`generate_pruned`).
+PROVIDES = {"cls_attention": "cls", "encoder_methods": False, "in_llm": True, "positions": "renumbered"}
 POSITIONS = ("renumbered", "original")
 # Keys of a `models.<name>` entry this family reads; it defines no family options of its own.
 CONFIG_KEYS = ("path", "revision", "dtype", "device", "attn_implementation", "trust_remote_code")
@@ -253,12 +262,26 @@ def full_image(views: list[EncodedView]) -> ReducedImage:
     )
 
 
-def visual_sequence(model: LlavaNextForConditionalGeneration, image: ReducedImage):
-    """What the LLM gets for one reduced image: (sequence [m, D], original [m] int64 each entry's position in the
-    unreduced packed sequence, newlines inserted, packed length of the unreduced image).
+class _Layout(NamedTuple):
+    """Where a reduced image's entries go (`visual_sequence`). k0: view 0's tokens; n0: view 0's grid size; h1, w1:
+    view 1's grid; base [k0]: view-0 tokens' source indices; row, col [k1]: each view-1 token's source row and column;
+    row_end [k1] bool: a newline follows it; at [k1]: its slot among view 1's entries; end [k1]: the slot of its last
+    entry, itself or the newline after it."""
 
-    m = k + newlines: view 0's tokens, then view 1's with `image_newline` after each token whose next view-1 token
-    lies in another row of view 1's grid, and after its last. Each token must have sources, all in its own view."""
+    k0: int
+    n0: int
+    h1: int
+    w1: int
+    base: torch.Tensor
+    row: torch.Tensor
+    col: torch.Tensor
+    row_end: torch.Tensor
+    at: torch.Tensor
+    end: torch.Tensor
+
+
+def _layout(image: ReducedImage) -> _Layout:
+    """The `_Layout` of a reduced image, its views and sources checked."""
     if len(image.views) != 2:
         raise ValueError(f"llava_next: an image has 2 views (base, high resolution), got {len(image.views)}")
     (h0, w0, k0), (h1, w1, k1) = image.views
@@ -280,14 +303,30 @@ def visual_sequence(model: LlavaNextForConditionalGeneration, image: ReducedImag
     slots = 1 + row_end.long()
     end = slots.cumsum(0) - 1  # where each view-1 token's last slot (itself, or the newline after it) lands
     at = end - row_end.long()
-    length = int(slots.sum())
+    return _Layout(k0, n0, h1, w1, base, row, col, row_end, at, end)
+
+
+def token_slots(image: ReducedImage) -> torch.Tensor:
+    """[k] int64: where each of the image's k reduced tokens sits in its visual sequence (`visual_sequence`)."""
+    layout = _layout(image)
+    return torch.cat([torch.arange(layout.k0, device=layout.at.device), layout.k0 + layout.at])
+
+
+def visual_sequence(model: LlavaNextForConditionalGeneration, image: ReducedImage):
+    """What the LLM gets for one reduced image: (sequence [m, D], original [m] int64 each entry's position in the
+    unreduced packed sequence, newlines inserted, packed length of the unreduced image).
+
+    m = k + newlines: view 0's tokens, then view 1's with `image_newline` after each token whose next view-1 token
+    lies in another row of view 1's grid, and after its last. Each token must have sources, all in its own view."""
+    k0, n0, h1, w1, base, row, col, row_end, at, end = _layout(image)
+    length = int(row_end.sum()) + len(row)
     tokens = image.tokens
     newline = model.model.image_newline.to(tokens.device, tokens.dtype)
     hires = tokens.new_empty(length, tokens.shape[-1])
     hires[at.to(tokens.device)] = tokens[k0:]
     hires[end[row_end].to(tokens.device)] = newline
     stride = w1 + 1  # a packed high-resolution row: its w1 tokens and its newline
-    original = torch.empty(length, dtype=torch.long, device=position.device)
+    original = torch.empty(length, dtype=torch.long, device=row.device)
     original[at] = n0 + row * stride + col
     original[end[row_end]] = n0 + row[row_end] * stride + w1
     return (
@@ -361,3 +400,44 @@ def generate(
     # the mask covers text and visual entries; the visual ones are the reduced tokens plus the newlines
     text_tokens = (attention_mask.sum(dim=1) - image_mask.sum(dim=1)).tolist()
     return Generation(ids, text_tokens, generated_lengths(ids, eos_token_id), structural_tokens=newlines)
+
+
+@torch.no_grad()
+def generate_pruned(
+    model: LlavaNextForConditionalGeneration,
+    processor,
+    prompts: list[str],
+    images: list[ReducedImage],
+    max_new_tokens: int,
+    plan_for,
+) -> Generation:
+    """Greedy answers of an in-LLM method (`vtc.models.inllm`): each image's visual sequence (`visual_sequence`, its
+    reduced tokens and row-end newlines) spliced in and pruned inside the LLM by the plan `plan_for(m)` gives for an
+    image block of m entries (the rows of a batch must share m). `Generation.pruned_sources` [B, V, k]: which of the
+    row's k reduced tokens each of the V image entries of the last layers covers (a newline none); `plan` the plan,
+    `structural_tokens` the newlines per row."""
+    inputs_embeds, attention_mask, image_mask, _, newlines = splice(model, processor, prompts, images)
+    lengths = image_mask.sum(dim=1).tolist()
+    counts = [image.tokens.shape[0] for image in images]
+    if len(set(lengths)) != 1 or len(set(counts)) != 1:
+        raise ValueError(
+            "llava_next: in-LLM pruning takes a batch whose image blocks have one length (reduced tokens + newlines); "
+            f"got blocks of {lengths} entries ({counts} tokens, {newlines} newlines)"
+        )
+    plan = plan_for(lengths[0])
+    eos_token_id = model.generation_config.eos_token_id
+    output = inllm.generate_pruned(
+        model, inputs_embeds, attention_mask, image_mask, plan, max_new_tokens, eos_token_id,
+        processor.tokenizer.pad_token_id,
+    )  # fmt: skip
+    # per row, [m, k]: the block entry each reduced token sits at (a newline's entry: no token)
+    entry_token = torch.zeros(len(images), lengths[0], counts[0], device=output.sources.device)
+    for row, image in enumerate(images):
+        slots = token_slots(image).to(entry_token.device)
+        entry_token[row, slots, torch.arange(counts[0], device=entry_token.device)] = 1
+    pruned_sources = (output.sources.float() @ entry_token) > 0
+    text_tokens = (attention_mask.sum(dim=1) - image_mask.sum(dim=1)).tolist()
+    return Generation(
+        output.ids, text_tokens, generated_lengths(output.ids, eos_token_id), pruned_sources=pruned_sources,
+        structural_tokens=newlines, plan=plan,
+    )  # fmt: skip

@@ -39,6 +39,13 @@ rows stop at EOS and are padded after it). Positions, for a row whose image star
   the row-major grid, our reading), which puts unrelated tokens at grid coordinates that are not theirs; a 1-D run
   makes no claim about the grid, and `original` is the option that keeps the geometry.
 
+In-LLM methods (`generate_pruned`, FastV and the others of `vtc.models.inllm`): the prompt is built as for `generate`
+with `original` positions (every given token at its source's (t, row, col), the unpruned prompt's M-RoPE ids), and the
+decoder loop prunes with those 3-D ids: a plan with `positions: original` keeps each kept token's (t, row, col) and the
+decode continues from the unpruned prompt's largest id + 1; `renumbered` gives the sequence after a prune layer a 1-D
+run. The loop applies `generation_config.repetition_penalty` as `generate` does, so keeping everything decodes what
+`generate` decodes at original positions (tested).
+
 Prompt, as lmms-eval 0.7.3 (`lmms_eval/models/simple/qwen2_5_vl.py`) builds it for Qwen2.5-VL: an explicit system turn
 "You are a helpful assistant.", then one user turn with the image first and the question after it, through the
 processor's chat template, add_generation_prompt=True:
@@ -74,13 +81,13 @@ from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_
 from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
-from vtc.models import EncodedView, ReducedImage
+from vtc.models import EncodedView, ReducedImage, inllm
 from vtc.models import llava
 from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_device
 
 # positions: a method that reduces before the LLM keeps each token's own (t, row, col) by default, so that `full` is the
 # model as it is and a kept token stays where the image had it (what Qwen ports of pruning methods do).
-PROVIDES = {"cls_attention": "mean_received", "encoder_methods": False, "in_llm": False, "positions": "original"}
+PROVIDES = {"cls_attention": "mean_received", "encoder_methods": False, "in_llm": True, "positions": "original"}
 FAMILY_OPTIONS = ("min_pixels", "max_pixels")
 POSITIONS = ("renumbered", "original")
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -379,13 +386,11 @@ def build_inputs(model, processor, prompts: list[str], images: list[ReducedImage
     return input_ids.to(device), attention_mask.to(device), position_ids.to(device), image_mask.to(device)
 
 
-def _penalized(logits: torch.Tensor, seen: torch.Tensor, penalty: float | None) -> torch.Tensor:
-    """`RepetitionPenaltyLogitsProcessor`: logits [B, V] of tokens in `seen` [B, V] bool divided by penalty (> 0) or
-    multiplied by it (< 0)."""
-    if penalty is None or penalty == 1.0:
-        return logits
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen, penalized, logits)
+def _embedded(model, input_ids: torch.Tensor, image_mask: torch.Tensor, images: list[ReducedImage]) -> torch.Tensor:
+    """inputs_embeds [B, L, D]: the prompt ids embedded, each row's <|image_pad|> positions replaced by its tokens."""
+    embeds = model.model.language_model.embed_tokens(input_ids)
+    visual = torch.cat([image.tokens for image in images]).to(embeds.device, embeds.dtype)
+    return embeds.masked_scatter(image_mask[..., None], visual)
 
 
 @torch.no_grad()
@@ -399,17 +404,14 @@ def generate(
     """
     input_ids, attention_mask, position_ids, image_mask = build_inputs(model, processor, prompts, images, positions)
     language_model = model.model.language_model
-    embeds = language_model.embed_tokens(input_ids)
-    visual = torch.cat([image.tokens for image in images]).to(embeds.device, embeds.dtype)
-    embeds = embeds.masked_scatter(image_mask[..., None], visual)
+    embeds = _embedded(model, input_ids, image_mask, images)
 
     prompt_lengths = attention_mask.sum(dim=1).tolist()
     config = model.generation_config
     eos = torch.tensor(config.eos_token_id if config.eos_token_id is not None else [], device=embeds.device).flatten()
     pad_token_id = processor.tokenizer.pad_token_id
     # the repetition penalty counts the prompt's ids (model.generate's input_ids), padding excluded
-    seen = torch.zeros(len(prompts), model.lm_head.out_features, dtype=torch.bool, device=embeds.device)
-    seen.scatter_(1, torch.where(attention_mask.bool(), input_ids, input_ids[:, -1:]), True)
+    seen = inllm.seen_tokens(input_ids, attention_mask, model.lm_head.out_features)
     cache = DynamicCache(config=language_model.config)
     hidden = language_model(
         inputs_embeds=embeds,
@@ -422,7 +424,8 @@ def generate(
     unfinished = torch.ones(len(prompts), dtype=torch.bool, device=embeds.device)
     generated = []
     for step in range(max_new_tokens):
-        token = _penalized(model.lm_head(hidden).float(), seen, config.repetition_penalty).argmax(dim=-1)
+        logits = inllm.repetition_penalized(model.lm_head(hidden).float(), seen, config.repetition_penalty)
+        token = logits.argmax(dim=-1)
         token = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
         generated.append(token)
         seen.scatter_(1, token[:, None], unfinished[:, None])
@@ -440,6 +443,38 @@ def generate(
     ids = torch.stack(generated, dim=1)
     text_tokens = [int(n) - image.tokens.shape[0] for n, image in zip(prompt_lengths, images)]
     return Generation(ids, text_tokens, generated_lengths(ids, config.eos_token_id))
+
+
+@torch.no_grad()
+def generate_pruned(
+    model, processor, prompts: list[str], images: list[ReducedImage], max_new_tokens: int, plan_for
+) -> Generation:
+    """Greedy answers of an in-LLM method (`vtc.models.inllm`): each image's k tokens spliced in at their original
+    3-D positions and pruned inside the LLM by the plan `plan_for(k)` gives (the rows of a batch must share k);
+    `Generation.pruned_sources` [B, V, k] which of the row's k tokens each visual token of the last layers covers,
+    `plan` the plan. The generation config's repetition penalty is applied as in `generate`."""
+    counts = [image.tokens.shape[0] for image in images]
+    if len(set(counts)) != 1:
+        raise ValueError(f"in-LLM pruning takes a batch of images of one token count, got {counts}")
+    plan = plan_for(counts[0])
+    input_ids, attention_mask, position_ids, image_mask = build_inputs(model, processor, prompts, images, "original")
+    config = model.generation_config
+    output = inllm.generate_pruned(
+        model,
+        _embedded(model, input_ids, image_mask, images),
+        attention_mask,
+        image_mask,
+        plan,
+        max_new_tokens,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        position_ids=position_ids,
+        prompt_ids=input_ids,
+        repetition_penalty=config.repetition_penalty,
+    )
+    text_tokens = [int(n) - k for n, k in zip(attention_mask.sum(dim=1), counts)]
+    new_tokens = generated_lengths(output.ids, config.eos_token_id)
+    return Generation(output.ids, text_tokens, new_tokens, pruned_sources=output.sources, plan=plan)
 
 
 def decode(processor, ids: torch.Tensor) -> list[str]:
