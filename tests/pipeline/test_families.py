@@ -175,3 +175,20 @@ def test_tiny_qwen_and_llava_next_study_runs_end_to_end(tmp_path, tiny_qwen_mode
     for metrics in (tmp_path / "results/evaluate").rglob("metrics.json"):
         assert json.loads(metrics.read_text())["vision_tower_calls"] == 0
     assert not (tmp_path / "results/efficiency").exists()  # vtc.bench times LLaVA-1.5 only
+
+
+@pytest.mark.parametrize("method, hparams", [("fastv", {"layer": 1}), ("pyramiddrop", {"layers": [1, 2, 3]})])
+def test_in_llm_methods_prune_images_of_different_counts_each_by_its_own_plan(family_run, method, hparams):
+    model_cfg, dataset, tmp_path = family_run
+    if model_cfg["family"] == "qwen2_5_vl" and method == "pyramiddrop":
+        pytest.skip("the tiny Qwen2.5-VL's LLM has 2 layers; this schedule needs 4")
+    _, _, metrics = run_pipeline(model_cfg, dataset, tmp_path, method, 0.25, {**hparams, "budget_mode": "kept"})
+    in_llm = metrics["in_llm"]
+    assert len(in_llm["plans"]) > 1  # one plan per image block length
+    counts = {int(count): entry["questions"] for count, entry in in_llm["plans"].items()}
+    assert sum(counts.values()) == metrics["n"]
+    for count, entry in in_llm["plans"].items():
+        assert entry["record"]["visual_tokens_after_pruning"] == image_budget(0.25, int(count))
+    expected = sum(entry["record"]["visual_tokens_layer_avg"] * entry["questions"] for entry in in_llm["plans"].values())
+    assert in_llm["visual_tokens_layer_avg"] == pytest.approx(expected / metrics["n"])
+    assert metrics["visual_tokens_fed"]["mean"] == pytest.approx(in_llm["visual_tokens_layer_avg"])

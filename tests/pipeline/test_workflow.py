@@ -215,7 +215,8 @@ def test_model_family_presets_plan_the_nine_benchmarks(tmp_path, preset):
     budgets = config["budgets"]
     assert all(isinstance(b, float) and 0 < b < 1 for b in budgets)  # shares of each image's tokens
     assert jobs["encode"] == len(config["datasets"]) == 9
-    assert jobs["evaluate"] == 9 * ((len(config["methods"]) - 1) * len(budgets) + 1)
+    runs = sum(len((entry or {}).get("budgets", budgets)) for name, entry in config["methods"].items() if name != "full")
+    assert jobs["evaluate"] == 9 * (runs + 1)
     [model] = config["models"]
     assert f"results/evaluate/{model}/gqa/full/1.0/metrics.json" in plan.stdout  # full: every token, ratio 1.0
     assert f"results/evaluate/{model}/gqa/cluster/{budgets[-1]}/metrics.json" in plan.stdout

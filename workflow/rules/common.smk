@@ -65,28 +65,30 @@ def language_model_layers(model):
     return (getattr(loaded, "text_config", None) or loaded).num_hidden_layers
 
 
+NOMINAL_TOKENS = 1024
+
+
 def check_in_llm_plans():
     """Stops on an in-LLM method's setting that cannot run on a model at one of its budgets (e.g. an impossible
     SparseVLM schedule), naming the hyperparameter; a model whose config is not on this machine is left to its
-    jobs, which stop with the same message."""
+    jobs, which stop with the same message. A family whose count varies per image is checked on an image of
+    NOMINAL_TOKENS tokens (whether a ratio is reachable hardly depends on the count)."""
     from vtc.models import inllm
-
     from vtc.pipeline.reduce import image_budget
 
     in_llm = [name for name in METHODS if method_stage(registered_method(name)) == "llm"]
     for model_name, model in config["models"].items():
-        # a family whose count varies per image cannot run in-LLM methods (vtc.config_check.check_method_models)
-        fixed = "num_visual_tokens" in model
-        num_layers = language_model_layers(model) if in_llm and fixed else None
+        num_layers = language_model_layers(model) if in_llm else None
+        tokens = model.get("num_visual_tokens", NOMINAL_TOKENS)
         for name in in_llm if num_layers else []:
             for budget in budgets_for(name, model_name):
                 try:
                     inllm.plan(
                         registered_method(name),
-                        image_budget(budget, model["num_visual_tokens"]),
+                        image_budget(budget, tokens),
                         method_entry(name, config["methods"][name])[1],
                         num_layers,
-                        model["num_visual_tokens"],
+                        tokens,
                     )
                 except HparamError as error:
                     own_budgets = "budgets" in (config["methods"][name] or {})

@@ -133,7 +133,7 @@ def visual_tokens_kept(result: dict) -> int:
     """The visual tokens of a run's last LLM layers: what an in-LLM method keeps after its (last) prune layer, else
     the k it spliced."""
     if result.get("in_llm"):
-        return result["in_llm"]["visual_tokens_per_layer"][-1]
+        return round(result["in_llm"]["visual_tokens_per_layer"][-1])
     return max(result["num_visual_tokens"])
 
 

@@ -32,7 +32,8 @@ def _answers(
     positions: str, plan_for,
 ):  # fmt: skip
     """Yields (row, prediction, the row's `ReducedImage`, the sources of what its last LLM layers see, text tokens,
-    generated tokens, visual tokens fed) for the rows of this shard, one cache shard at a time. With an in-LLM method
+    generated tokens, visual tokens fed, the image block length its in-LLM plan is for, else None) for the rows of this
+    shard, one cache shard at a time. With an in-LLM method
     (`plan_for(N)`, its `vtc.models.inllm.plan` for images of N tokens) the answers come from the pruning decoder loop,
     and the sources are those of the visual tokens its last layers keep (so `target_recall` scores what the method
     kept, not the N tokens it started from), and the visual tokens fed are the plan's layer average. Otherwise
@@ -53,8 +54,8 @@ def _answers(
         pending = [(row, images[i]) for i, image_id in enumerate(image_ids) for row in rows_by_image.get(image_id, [])]
         # the pruning loop takes a batch of images of one token count at a time
         groups = defaultdict(list)
-        for item in pending:
-            groups[item[1].sources.shape[1] if plan_for is not None else None].append(item)
+        for item in pending:  # images of one layout (token counts per view) make one image block length
+            groups[tuple(item[1].views) if plan_for is not None else None].append(item)
         for group in groups.values():
             for start in range(0, len(group), batch_size):
                 batch = group[start : start + batch_size]
@@ -70,15 +71,17 @@ def _answer_batch(model, processor, adapter, benchmark, batch, positions, plan_f
         # [V, k] over the reduced tokens the LLM got, [k, N] from those to patches: [V, N] over patches
         sources = [(kept.float() @ given.float()) > 0 for kept, given in zip(generation.pruned_sources, sources)]
         fed = [generation.plan.layer_average] * len(batch)
+        blocks = [generation.plan.num_patches] * len(batch)
     else:
         generation = adapter.generate(model, processor, prompts, images, benchmark.max_new_tokens, positions)
         structural = generation.structural_tokens or [0] * len(batch)
         fed = [image.tokens.shape[0] + extra for image, extra in zip(images, structural)]
+        blocks = [None] * len(batch)
     predictions = adapter.decode(processor, generation.ids)
-    for row, prediction, image, row_sources, text_tokens, new_tokens, row_fed in zip(
-        [row for row, _ in batch], predictions, images, sources, generation.text_tokens, generation.new_tokens, fed
-    ):
-        yield row, prediction, image, row_sources, text_tokens, new_tokens, row_fed
+    yield from zip(
+        [row for row, _ in batch], predictions, images, sources, generation.text_tokens, generation.new_tokens, fed,
+        blocks,
+    )  # fmt: skip
 
 
 def target_recall(image: ReducedImage, sources: torch.Tensor, meta: dict) -> float | None:
@@ -122,10 +125,38 @@ def in_llm_record(plan) -> dict:
 
 
 def _in_llm(stats: list[dict]) -> dict | None:
-    records = {json.dumps(s.get("in_llm"), sort_keys=True) for s in stats}
-    if len(records) != 1:
-        raise ValueError("the generate shards of one run disagree on the in-LLM pruning plan")
-    return json.loads(records.pop())
+    """The run's in-LLM record from its shards' plans (`stats["in_llm"]`: per image token count, its plan's record and
+    how many questions it answered): that record where every image had one count (LLaVA-1.5); else the counts per
+    layer, after pruning and their layer average as means over the questions, with each count's record under
+    `plans`."""
+    if not any(s.get("in_llm") for s in stats):
+        return None
+    plans: dict[str, dict] = {}
+    for shard in stats:
+        for count, entry in shard["in_llm"].items():
+            if count in plans and plans[count]["record"] != entry["record"]:
+                raise ValueError(f"the generate shards of one run disagree on the in-LLM plan for {count} tokens")
+            plans.setdefault(count, {"record": entry["record"], "questions": 0})["questions"] += entry["questions"]
+    if len(plans) == 1:
+        return next(iter(plans.values()))["record"]
+    total = sum(entry["questions"] for entry in plans.values())
+
+    def mean(field):
+        return sum(entry["record"][field] * entry["questions"] for entry in plans.values()) / total
+
+    first = next(iter(plans.values()))["record"]
+    per_layer = [
+        sum(entry["record"]["visual_tokens_per_layer"][layer] * entry["questions"] for entry in plans.values()) / total
+        for layer in range(len(first["visual_tokens_per_layer"]))
+    ]
+    return {
+        **first,
+        "visual_tokens_after_pruning": mean("visual_tokens_after_pruning"),
+        "visual_tokens_per_layer": per_layer,
+        "visual_tokens_layer_avg": mean("visual_tokens_layer_avg"),
+        "stages": None,  # each count's own, under plans
+        "plans": plans,
+    }
 
 
 def _agreed(stats: list[dict], field: str) -> str:
@@ -165,10 +196,8 @@ def generate_predictions(
     plans: dict[int, inllm.Plan] = {}
 
     def plan_for(num_tokens: int) -> inllm.Plan:
+        """The plan for images of `num_tokens` tokens in the LLM's image block (a ratio budget: that share of them)."""
         if num_tokens not in plans:
-            if plans:  # metrics.json records one plan per run
-                raise ValueError(f"in-LLM pruning of images with different token counts ({sorted(plans)} and "
-                                 f"{num_tokens}) is not supported")  # fmt: skip
             budget = image_budget(key["budget"], num_tokens)
             layers = model.config.text_config.num_hidden_layers
             plans[num_tokens] = inllm.plan(key["method"], budget, key["hparams"], layers, num_tokens)
@@ -187,12 +216,13 @@ def generate_predictions(
     tmp = predictions_path.with_name(f".{predictions_path.name}.tmp")
     count = text_tokens = new_tokens = 0
     fed_tokens: list[float] = []
+    plan_questions: dict[int, int] = {}
     in_llm = plan_for if method_stage(key["method"]) == "llm" else None
     answers = _answers(
         model, processor, adapter, benchmark, rows, store, batch_size, shard, num_shards, positions, in_llm
     )
     with open(tmp, "w") as out, tqdm(desc=f"generate shard {shard}/{num_shards}", unit="q", mininterval=5) as progress:
-        for row, prediction, image, sources, row_text_tokens, row_new_tokens, row_fed in answers:
+        for row, prediction, image, sources, row_text_tokens, row_new_tokens, row_fed, block in answers:
             meta = json.loads(row["meta"] or "{}")
             record = {k: v for k, v in row.items() if k != "meta"}
             recall = target_recall(image, sources, meta)
@@ -201,6 +231,8 @@ def generate_predictions(
             text_tokens += row_text_tokens
             new_tokens += row_new_tokens
             fed_tokens.append(row_fed)
+            if block is not None:
+                plan_questions[block] = plan_questions.get(block, 0) + 1
             progress.update()
     os.replace(tmp, predictions_path)  # only complete shards ever carry the final name
     stats = {
@@ -214,9 +246,11 @@ def generate_predictions(
         "attn_implementation": adapter.attention_implementation(model),
         "positions": positions,
     }
-    plan = next(iter(plans.values()), None)
-    if plan is not None:
-        stats["in_llm"] = in_llm_record(plan)
+    if in_llm is not None:  # per token count of the image block: its plan and the questions it answered
+        stats["in_llm"] = {
+            str(count): {"record": in_llm_record(plans[count]), "questions": questions}
+            for count, questions in sorted(plan_questions.items())
+        }
     stats_path.write_text(json.dumps(stats))
     return stats
 
@@ -269,7 +303,8 @@ def evaluate(
         text_tokens_mean=sum(s["text_tokens"] for s in stats) / len(records),
         new_tokens_mean=sum(s["new_tokens"] for s in stats) / len(records),
         device_preset=device_preset,
-        visual_tokens_per_layer=in_llm["visual_tokens_per_layer"] if in_llm else None,
+        # whole tokens per layer (the mean over questions where images differ in count)
+        visual_tokens_per_layer=[round(n) for n in in_llm["visual_tokens_per_layer"]] if in_llm else None,
     )
     result = {
         **run_info,
