@@ -82,7 +82,7 @@ class VisualTokens:
     grid:           (H, W) patch grid.
     questions:      for a method of stage "question" only: B strings, row b's question (the dataset's `question`
                     column, without the benchmark's answer-format instruction); None otherwise.
-    model:          for a method of stage "question" only: the `models.<name>` config entry (path, revision) of the
+    model:          for a method of stage "question" only: the `models.<name>` config entry (path, revision, family) of the
                     model the tokens come from, for a method that uses its tokenizer or embeddings; None otherwise.
     """
 

@@ -131,10 +131,10 @@ def _clip(path: str):
 
 
 @functools.cache
-def _llm(path: str, revision: str | None):
-    from vtc.models import llava
+def _llm(path: str, revision: str | None, family_name: str = "llava"):
+    from vtc.models import family
 
-    model, processor = llava.load_model(path, revision, device="cpu")
+    model, processor = family({"family": family_name}).load_model(path, revision=revision, device="cpu")
     return model.get_input_embeddings(), processor.tokenizer
 
 
@@ -192,6 +192,7 @@ def cdpruner(tokens: VisualTokens, budget: int, *, relevance: str = "clip", clip
             raise ValueError(
                 "cdpruner with relevance llm needs the LLaVA model (VisualTokens.model) for its embeddings"
             )
-        embedding, tokenizer = _llm(tokens.model["path"], tokens.model.get("revision"))
+        model = tokens.model
+        embedding, tokenizer = _llm(model["path"], model.get("revision"), model.get("family", "llava"))
         image, text = tokens.projected, llm_embeddings(embedding, tokenizer, tokens.questions)
     return selection(tokens, cdpruner_select(tokens.projected, image, text.to(image.device), budget))

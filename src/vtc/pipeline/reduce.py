@@ -270,7 +270,7 @@ def reduce_questions(
         "dataset": str(dataset),
     }  # fmt: skip
     writer = StoreWriter(out, key, entries="question")
-    model = {"path": model_cfg["path"], "revision": model_cfg.get("revision")}
+    model = {key: model_cfg.get(key) for key in ("path", "revision")} | {"family": model_cfg.get("family", "llava")}
     seconds = 0.0
     counts = []
     for image_ids, tensors in store.shards():
