@@ -128,15 +128,19 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor, gram: b
 
     Each of the k sequential steps needs the squared distances from every point to the point just drawn. Two ways
     to get them, chosen by `_seed_from_gram` unless `gram` says which:
-    - from one Gram matrix per image, [B, N, N], computed once (one batched matrix product, B·N²·C multiply-adds
-      whatever k), so each step only touches [B, N] numbers: eleven small kernels. Cheapest in batches (k
-      matrix-vector products over B·N·C points are bound by memory) and on a GPU (fewer kernel launches);
-    - one matrix-vector product over all points per step (B·k·N·C multiply-adds, the implementation before issue 19,
-      bit for bit), cheaper for one image on a CPU when k is small against N.
+    - from one Gram matrix per image, [B, N, N], computed once (one batched matrix product, N²·C multiply-adds per
+      image whatever k), so each step only touches [B, N] numbers: eleven small kernels. Fewest kernel launches
+      (GPU) and cheapest for large k;
+    - one matrix-vector product over the image's points per step (k·N·C multiply-adds), image by image: the
+      implementation before issue 19, bit for bit, run on each image alone. Cheaper for small k on a CPU.
     The two draw the same points up to the rounding of the dot products, which can move a draw only where its
     uniform falls within that rounding of a boundary of the cumulative weights: tests/methods/test_cluster.py finds
     the same clusters and tokens, bit for bit, on thousands of generated images, as long as the rounding stays far
-    below the distances themselves.
+    below the distances themselves (not so for tight clusters whose distances are ~10⁻³ of the squared norms, e.g.
+    blobs of spread 0.1 around centres of norm 320, where draws differ after ~100 steps).
+    The batched matrix-vector products of the implementation before issue 19 rounded differently from one image's
+    (a batched kernel), so on such data it gave an image other clusters in a batch than alone; both paths here
+    give every image its own clusters whatever the batch (tested at the 7B width).
     """
     gram = _seed_from_gram(points, k) if gram is None else gram
     batch_size, num_patches, channels = points.shape
@@ -189,8 +193,19 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor, gram: b
 
 
 def _seed_from_gram(points: torch.Tensor, k: int) -> bool:
-    """Whether k-means++ should take its distances from a Gram matrix (True) or from one matrix-vector product per
-    step (False); see `_kmeans_plus_plus`. Placeholder rule, tuned below."""
+    """Whether k-means++ takes its distances from a Gram matrix (True) or from one matrix-vector product per step
+    (False); see `_kmeans_plus_plus`.
+
+    On a GPU always the Gram matrix: the per-step path launches k matrix-vector products and more small kernels per
+    step, and launches, not arithmetic, bound the seeding there. On a CPU the Gram matrix costs N²·C multiply-adds
+    whatever k, the per-step path k·N·C, each of which costs several times a matrix product's (memory-bound
+    matrix-vector products) plus a few more small ops per step. Measured seeding CPU time, one image of 576 points,
+    one thread (docs/efficiency.md): the two cost the same at k ≈ 128 (width 4096), 110 (1024), 96 (256), 70 (128),
+    so the per-step path is taken for k ≤ N / 6. The rule looks at one image's N, C and k only, never at the batch
+    size: the two paths can round a draw differently, and an image must get the same clusters in any batch. (At
+    batch 16 the per-step path runs image by image, and is the faster one there too: 307 vs 591 ms at k = 64,
+    width 4096.)
+    """
     return points.device.type != "cpu" or 6 * k > points.shape[1]
 
 
