@@ -2,7 +2,7 @@
 
 The old implementation is read from git (`git show REV:src/vtc/methods/cluster.py`, by default the commit before
 the Gram-matrix seeding) and loaded next to the current one without registering it. Rows: `old`, `new` (the path
-`_seed_from_gram` chooses), and `new, Gram` / `new, per step` (each seeding path forced). Every round runs every
+`_seed_from_gram` chooses), and `new_gram` / `new_per_step` (each seeding path forced). Every round runs every
 row once per (batch size, budget), in the same order, so load drifts hit all rows alike; medians over the rounds.
 Each row's outputs are compared with `old`'s (sources and tokens, `torch.equal`).
 
@@ -141,7 +141,9 @@ def main(argv=None) -> int:
                 "same_outputs_as_old": same,
             }
             results.append(cell)
-            medians = ", ".join(f"{row} {cell['median_ms'][row]:.1f} ({cell['median_cpu_ms'][row]:.1f})" for row in rows)
+            medians = ", ".join(
+                f"{row} {cell['median_ms'][row]:.1f} ({cell['median_cpu_ms'][row]:.1f})" for row in rows
+            )
             print(f"batch {batch_size}, k={budget}: {medians} ms (load {load_start:.2f} → {os.getloadavg()[0]:.2f})",
                   flush=True)  # fmt: skip
 
