@@ -54,12 +54,12 @@ def load_old(rev: str) -> types.ModuleType:
 def forced(gram: bool | None):
     """`cluster` with the seeding path forced (None: chosen by `_seed_from_gram`)."""
 
-    def run(tokens, budget):
+    def run(tokens, budget, **hparams):
         chooser = new_module._seed_from_gram
         if gram is not None:
             new_module._seed_from_gram = lambda points, k: gram
         try:
-            return new_module.cluster(tokens, budget)
+            return new_module.cluster(tokens, budget, **hparams)
         finally:
             new_module._seed_from_gram = chooser
 
