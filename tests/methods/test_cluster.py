@@ -305,3 +305,68 @@ def test_lloyd_distances_are_cdists_bit_for_bit(kind, num_patches, k):
     for seed in range(3):
         centroids = generated_points(kind, 3, k, 16, seed=1000 + seed)
         assert torch.equal(distances(centroids), torch.cdist(points, centroids))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The two seeding paths (issue 19): one Gram matrix per image, or one matrix-vector product per step image by image
+# (the frozen reference's arithmetic). `_seed_from_gram` chooses per call; here each is forced.
+
+
+@pytest.fixture
+def seeded_by(monkeypatch):
+    """cluster(tokens, budget, **hparams) with k-means++ seeding forced onto the Gram (True) or per-step path."""
+    import vtc.methods.cluster as module
+
+    def run(gram, tokens, budget, **hparams):
+        monkeypatch.setattr(module, "_seed_from_gram", lambda points, k: gram)
+        return cluster(tokens, budget, **hparams)
+
+    return run
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_seeding_paths_give_the_same_clusters_and_tokens(make_tokens, seeded_by, kind):
+    """5 shapes (batch 1 to 4, 9 to 144 patches, width 3 to 64) × up to 7 budgets × 4 k-means++ variants per kind.
+
+    "duplicates" (5 distinct points) only up to 5 clusters: beyond, every weight left is the rounding of a distance
+    between equal points (|x|² + |x|² − 2 x·x, not exactly 0), and each path draws from its own rounding noise."""
+    shapes = [(1, (4, 6), 5), (3, (5, 6), 16), (2, (6, 8), 3), (4, (3, 3), 40), (2, (12, 12), 64)]
+    for s, (batch_size, grid, dim) in enumerate(shapes):
+        n = grid[0] * grid[1]
+        seeds = [13 * s + b for b in range(batch_size)]
+        projected = generated_points(kind, batch_size, n, dim, seed=200 + s)
+        tokens = make_tokens(batch_size, grid, dim, projected=projected, seeds=seeds)
+        tokens = dataclasses.replace(tokens, features=generated_points(kind, batch_size, n, 6, seed=300 + s))
+        for budget in sorted({1, 2, n // 6, n // 4, n // 2, n - 1, n} - {0}):
+            if kind == "duplicates" and budget > 5:
+                continue
+            for hparams in VARIANTS[:4]:  # init="kmeans++"
+                gram, per_step = seeded_by(True, tokens, budget, **hparams), seeded_by(False, tokens, budget, **hparams)
+                assert torch.equal(gram.sources, per_step.sources), (batch_size, grid, budget, hparams)
+                assert torch.equal(gram.tokens, per_step.tokens), (batch_size, grid, budget, hparams)
+
+
+def tight_blobs_7b(batch_size):
+    """Tight blobs at the 7B width: distances within a blob (≈ 80) far below the norms (≈ 10⁵), so float32 dot
+    products differ between a matrix product and a matrix-vector product, and between batched and single-image
+    matrix-vector products, by amounts that move draws. The frozen implementation, batched, gave an image other
+    clusters than alone on these."""
+    return generated_points("blobs", batch_size, 576, 4096, seed=0)
+
+
+def test_per_step_seeding_is_the_frozen_implementation_image_by_image():
+    from vtc.methods.cluster import _kmeans_plus_plus
+
+    points, seeds = tight_blobs_7b(3), torch.tensor([5, 6, 7])
+    ours = _kmeans_plus_plus(points, 64, seeds, gram=False)
+    for b in range(3):
+        assert torch.equal(ours[b : b + 1], reference_kmeans_plus_plus(points[b : b + 1], 64, seeds[b : b + 1]))
+
+
+@pytest.mark.parametrize("budget", [64, 192])  # the per-step and the Gram path on this CPU
+def test_an_image_gets_the_same_clusters_in_any_batch_at_the_7b_width(make_tokens, one_image, budget):
+    tokens = make_tokens(projected=tight_blobs_7b(3), grid=(24, 24), seeds=[5, 6, 7])
+    batched = cluster(tokens, budget)
+    for b in range(3):
+        alone = cluster(one_image(tokens, b), budget)
+        assert torch.equal(batched.sources[b], alone.sources[0]) and torch.equal(batched.tokens[b], alone.tokens[0])

@@ -120,35 +120,62 @@ def clusters_in_spatial_order(tokens: VisualTokens, assignment: torch.Tensor, k:
     )
 
 
-def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor) -> torch.Tensor:
+def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor, gram: bool | None = None) -> torch.Tensor:
     """k-means++ seeding (Arthur & Vassilvitskii 2007): [B, N, C] points → [B, k, C] distinct initial centroids.
 
     Each image's random draws come from its own generator, drawn up front, so that the seeding loop over k can
     run on the whole batch while staying independent of the batch's composition.
 
-    Every squared distance the loop needs comes from one Gram matrix per image, [B, N, N], computed once (one
-    batched matrix product instead of k matrix-vector products over all [B, N, C] points), so each of the k
-    sequential steps only touches [B, N] numbers: eleven small kernels (the earlier loop launched ~20 and read all
-    points). The draws are the earlier implementation's (a matrix-vector product per step) up to the rounding of
-    the dot products, which can move a draw only where its uniform falls within that rounding of a boundary of the
-    cumulative weights: tests/methods/test_cluster.py finds the same clusters and tokens, bit for bit, on thousands
-    of generated images, as long as the rounding stays far below the distances themselves.
+    Each of the k sequential steps needs the squared distances from every point to the point just drawn. Two ways
+    to get them, chosen by `_seed_from_gram` unless `gram` says which:
+    - from one Gram matrix per image, [B, N, N], computed once (one batched matrix product, N²·C multiply-adds per
+      image whatever k), so each step only touches [B, N] numbers: eleven small kernels. Fewest kernel launches
+      (GPU) and cheapest for large k;
+    - one matrix-vector product over the image's points per step (k·N·C multiply-adds), image by image: the
+      implementation before issue 19, bit for bit, run on each image alone. Cheaper for small k on a CPU.
+    The two draw the same points up to the rounding of the dot products, which can move a draw only where its
+    uniform falls within that rounding of a boundary of the cumulative weights: tests/methods/test_cluster.py finds
+    the same clusters and tokens, bit for bit, on thousands of generated images, as long as the rounding stays far
+    below the distances themselves (not so for tight clusters whose distances are ~10⁻³ of the squared norms, e.g.
+    blobs of spread 0.1 around centres of norm 320, where draws differ after ~100 steps).
+    The batched matrix-vector products of the implementation before issue 19 rounded differently from one image's
+    (a batched kernel), so on such data it gave an image other clusters in a batch than alone; both paths here
+    give every image its own clusters whatever the batch (tested at the 7B width).
     """
-    batch_size, num_patches, _ = points.shape
+    gram = _seed_from_gram(points, k) if gram is None else gram
+    batch_size, num_patches, channels = points.shape
+    if not gram and batch_size > 1:
+        # One image at a time: its points stay in cache over the k steps, where a batch's are read from memory at
+        # every step (batch 16 at the 7B width: 150 MB per step); each image's draws are the same either way.
+        images = [_kmeans_plus_plus(points[b : b + 1], k, seeds[b : b + 1], gram=False) for b in range(batch_size)]
+        return torch.cat(images)
     uniforms = torch.stack(
         [torch.rand(k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) for seed in seeds.tolist()]
     ).to(points.device)
 
     squared_norms = points.square().sum(dim=-1)
-    # |x|² + |c|² − 2 x·c, clamped at 0, row c = squared distances to point c; [B, N, N].
-    squared = (squared_norms[:, None, :] + squared_norms[:, :, None] - 2 * torch.bmm(points, points.mT)).clamp_min(0)
-    # Chosen points get weight 0 exactly, so that rounding cannot pick one twice: a point's distance to itself is 0,
-    # and the running minimum with distances ≥ 0 keeps it there.
-    squared.diagonal(dim1=1, dim2=2).zero_()
+    if gram:
+        # |x|² + |c|² − 2 x·c, clamped at 0, row c = squared distances to point c; [B, N, N].
+        squared = squared_norms[:, None, :] + squared_norms[:, :, None] - 2 * torch.bmm(points, points.mT)
+        squared = squared.clamp_min(0)
+        # Chosen points get weight 0 exactly, so that rounding cannot pick one twice: a point's distance to itself
+        # is 0, and the running minimum with distances ≥ 0 keeps it there.
+        squared.diagonal(dim1=1, dim2=2).zero_()
+
+        def squared_distances_to(index: torch.Tensor) -> torch.Tensor:
+            return _row(squared, index)
+
+    else:
+
+        def squared_distances_to(index: torch.Tensor) -> torch.Tensor:
+            centre = points.gather(1, index[..., None].expand(-1, -1, channels)).squeeze(1)[:, :, None]  # [B, C, 1]
+            dots = torch.bmm(points, centre).squeeze(-1)
+            squared = (squared_norms + squared_norms.gather(1, index) - 2 * dots).clamp_min(0)
+            return squared.scatter_(1, index, 0)  # as the Gram matrix's zero diagonal
 
     first = (uniforms[:, :1] * num_patches).long().clamp(max=num_patches - 1)  # [B, 1]
     drawn_all = [first]
-    nearest = _row(squared, first)
+    nearest = squared_distances_to(first)
     chosen = torch.zeros(batch_size, num_patches, dtype=torch.uint8, device=points.device).scatter(1, first, 1)
     for step in range(1, k):
         # Inverse-CDF sampling with probability ∝ squared distance to the nearest chosen centroid.
@@ -160,9 +187,26 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, seeds: torch.Tensor) -> torc
         drawn = torch.where(nearest.gather(1, drawn) > 0, drawn, chosen.argmin(dim=-1, keepdim=True))
         drawn_all.append(drawn)
         chosen.scatter_(1, drawn, 1)
-        nearest = torch.minimum(nearest, _row(squared, drawn))
+        nearest = torch.minimum(nearest, squared_distances_to(drawn))
     index = torch.cat(drawn_all, dim=1)  # [B, k]
-    return points.gather(1, index[..., None].expand(-1, -1, points.shape[-1]))
+    return points.gather(1, index[..., None].expand(-1, -1, channels))
+
+
+def _seed_from_gram(points: torch.Tensor, k: int) -> bool:
+    """Whether k-means++ takes its distances from a Gram matrix (True) or from one matrix-vector product per step
+    (False); see `_kmeans_plus_plus`.
+
+    On a GPU always the Gram matrix: the per-step path launches k matrix-vector products and more small kernels per
+    step, and launches, not arithmetic, bound the seeding there. On a CPU the Gram matrix costs N²·C multiply-adds
+    whatever k, the per-step path k·N·C, each of which costs several times a matrix product's (memory-bound
+    matrix-vector products) plus a few more small ops per step. Measured seeding CPU time, one image of 576 points,
+    one thread (docs/efficiency.md): the two cost the same at k ≈ 128 (width 4096), 110 (1024), 96 (256), 70 (128),
+    so the per-step path is taken for k ≤ N / 6. The rule looks at one image's N, C and k only, never at the batch
+    size: the two paths can round a draw differently, and an image must get the same clusters in any batch. (At
+    batch 16 the per-step path runs image by image, and is the faster one there too: 307 vs 591 ms at k = 64,
+    width 4096.)
+    """
+    return points.device.type != "cpu" or 6 * k > points.shape[1]
 
 
 def _row(matrix: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
