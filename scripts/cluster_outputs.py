@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 from time_cluster import OLD_REV, forced, load_old
-from vtc.pipeline.encode import image_seed
-from vtc.pipeline.reduce import cached_tokens
+from vtc.pipeline.encode import image_seed, shard_views
+from vtc.pipeline.reduce import view_batch
 
 BATCHED = ("projected", "features", "cls_attention", "keys", "seeds")
 
@@ -34,10 +34,11 @@ def alone(tokens, b):
 def batches(encoded: Path, batch_size: int, seed: int):
     manifest = json.loads((encoded / "manifest.json").read_text())
     for shard in manifest["shards"]:
-        tensors, ids = load_file(encoded / shard["file"]), shard["image_ids"]
+        ids = shard["image_ids"]
+        views = [image_views[0] for image_views in shard_views(load_file(encoded / shard["file"]), len(ids))]
         for start in range(0, len(ids), batch_size):
             window = slice(start, start + batch_size)
-            yield cached_tokens(tensors, window, [image_seed(seed, i) for i in ids[window]], tuple(manifest["grid"]))
+            yield view_batch(views[window], [image_seed(seed, i) for i in ids[window]])
 
 
 def main(argv=None) -> int:
