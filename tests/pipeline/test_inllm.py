@@ -194,11 +194,11 @@ def test_fastv_runs_on_llava_next_through_the_pipeline(shapes_dir, tmp_path):
     predictions, stats_path = tmp_path / "0.jsonl", tmp_path / "0.json"
     stats = generate_predictions(dataset, "shapes", tmp_path / "r", model_cfg, 4, 0, 1, predictions, stats_path)
     (n,) = set(manifest["num_tokens"])  # the shapes images share one size: one block length
-    block, *_, keep = stats["in_llm"]["visual_tokens_per_layer"]
-    assert block > n  # the newlines are in the block the method prunes
-    assert (
-        stats["in_llm"]["visual_tokens_per_layer"] == [block, block, keep, keep] and keep == (4 * 200 - 2 * block) // 2
-    )
+    [(count, entry)] = stats["in_llm"].items()  # the plan per image block length, and the questions it answered
+    record = entry["record"]
+    block, *_, keep = record["visual_tokens_per_layer"]
+    assert int(count) == block > n and entry["questions"] == 4  # the newlines are in the block the method prunes
+    assert record["visual_tokens_per_layer"] == [block, block, keep, keep] and keep == (4 * 200 - 2 * block) // 2
     assert stats["vision_tower_calls"] == 0 and stats["n"] == 4
     recalls = [json.loads(line)["target_recall"] for line in predictions.read_text().splitlines()]
     assert len(recalls) == 4 and all(r is None or 0 <= r <= 1 for r in recalls) and any(r is not None for r in recalls)
