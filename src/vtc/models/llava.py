@@ -43,17 +43,24 @@ def load_model(
     trust_remote_code: bool = False,
 ):
     """Model and processor from a hub id or a local directory, ready for inference."""
+    model = pretrained(LlavaForConditionalGeneration, path, revision, dtype, device, attn_implementation, trust_remote_code)
+    processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return model, processor
+
+
+def pretrained(model_class, path, revision, dtype: str, device: str, attn_implementation: str, trust_remote_code: bool):
+    """`model_class.from_pretrained` by hub id (and revision) or directory, in `dtype`, on `device`, in eval mode: how
+    every model family loads its weights (safetensors; remote code only where the config opts in)."""
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = model_class.from_pretrained(
         path,
         revision=revision,
         dtype=DTYPES[dtype],
         attn_implementation=attn_implementation,
         trust_remote_code=trust_remote_code,
     )
-    processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    return model.to(resolve_device(device)).eval(), processor
+    return model.to(resolve_device(device)).eval()
 
 
 def processor_from_config(model_cfg: dict):

@@ -54,7 +54,7 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from vtc.models import EncodedView, ReducedImage, inllm, llava
-from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_device, source_positions
+from vtc.models.llava import Generation, generated_lengths, pretrained, source_positions
 
 # The LLM gets the CLS-free feature layer behind a projector (no patch merger): every method that selects or merges
 # tokens applies; in-LLM methods run through `vtc.models.inllm` unchanged (the decoder is Llama, under
@@ -90,18 +90,12 @@ def load_model(
     """Model and processor from a hub id or a local directory, ready for inference."""
     if family_options:
         raise ValueError(f"llava_next takes no family options, got {sorted(family_options)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        path,
-        revision=revision,
-        dtype=DTYPES[dtype],
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
+    model = pretrained(
+        LlavaNextForConditionalGeneration, path, revision, dtype, device, attn_implementation, trust_remote_code
     )
     check_supported(model.config)
     processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    return model.to(resolve_device(device)).eval(), processor
+    return model, processor
 
 
 def processor_from_config(model_cfg: dict):

@@ -83,7 +83,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from vtc.models import EncodedView, ReducedImage, inllm
 from vtc.models import llava
-from vtc.models.llava import DTYPES, Generation, generated_lengths, resolve_device
+from vtc.models.llava import DTYPES, Generation, generated_lengths, pretrained
 
 # positions: a method that reduces before the LLM keeps each token's own (t, row, col) by default, so that `full` is the
 # model as it is and a kept token stays where the image had it (what Qwen ports of pruning methods do).
@@ -153,17 +153,13 @@ def load_model(
 ):
     """Model and processor from a hub id or a local directory, ready for inference. family_options: min_pixels,
     max_pixels (the image processor's resolution bounds; absent: the checkpoint's)."""
-    if dtype not in DTYPES:
+    if dtype not in DTYPES:  # before the processor, so that a bad dtype costs nothing
         raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     processor = load_processor(path, revision, trust_remote_code, **family_options)  # checks options before loading
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        path,
-        revision=revision,
-        dtype=DTYPES[dtype],
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
+    model = pretrained(
+        Qwen2_5_VLForConditionalGeneration, path, revision, dtype, device, attn_implementation, trust_remote_code
     )
-    return model.to(resolve_device(device)).eval(), processor
+    return model, processor
 
 
 def load_from_config(model_cfg: dict):
