@@ -23,7 +23,7 @@ from vtc.methods import import_plugins, method_stage, resolved_hparams
 from vtc.models import ReducedImage, family, inllm
 from vtc.pipeline.efficiency import predicted_cost, text_config
 from vtc.pipeline.prepare import rows_report_path
-from vtc.pipeline.reduce import image_budget, token_counts, unpack_reduced
+from vtc.pipeline.reduce import image_budget, unpack_reduced
 from vtc.tracking import wandb_run
 
 
