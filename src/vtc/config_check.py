@@ -144,7 +144,7 @@ def check_method_models(config: dict) -> list[str]:
     from vtc.methods import available_methods, method_entry, method_stage
     from vtc.models import family
 
-    problems = []
+    problems, registered = [], set(available_methods())
     for model_name, model in config["models"].items():
         provides = family(model).PROVIDES
         name_of_family = model.get("family", "llava")
@@ -155,7 +155,7 @@ def check_method_models(config: dict) -> list[str]:
             )
         for name, entry in config["methods"].items():
             method = method_entry(name, entry)[0]
-            if method not in available_methods():
+            if method not in registered:
                 continue  # reported by check_methods
             stage = method_stage(method)
             if stage == "encoder" and not provides["encoder_methods"]:

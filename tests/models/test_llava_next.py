@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vtc.models import ReducedImage, inllm, llava_next
+from vtc.models import ReducedImage, inllm, llava, llava_next
 from vtc.models.llava import generated_lengths
 from vtc.models.tiny_llava_next import GRID, build
 
@@ -149,7 +149,7 @@ def test_cls_attention_keys_and_features_come_from_the_stitched_unpadded_crops(t
     model, processor = llava_next.load_model(str(tiny_dir), device="cpu", attn_implementation="eager")
     inputs = processor.image_processor([images[index]], return_tensors="pt")
     crops = inputs["pixel_values"][0]
-    layer = llava_next.feature_layer_index(model)
+    layer = llava.feature_layer_index(model)
     tower = model.model.vision_tower
     encoder_layer = getattr(tower, "vision_model", tower).encoder.layers[layer]
     with torch.no_grad():

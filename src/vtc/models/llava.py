@@ -106,6 +106,24 @@ def encode(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> 
     which is what eager attention returns, so the tower can keep a fused kernel (SDPA, FlashAttention)
     that returns no weights.
     """
+    output, attention, keys = with_cls_attention(
+        model, lambda: model.model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+    )
+    projected = torch.stack(list(output.pooler_output))
+    features = output.hidden_states[model.config.vision_feature_layer]
+    strip_cls = model.config.vision_feature_select_strategy == "default"
+    return Encoded(
+        projected=projected,
+        features=features[:, 1:] if strip_cls else features,
+        cls_attention=attention[:, :, 1:] if strip_cls else attention,
+        keys=keys[:, 1:] if strip_cls else keys,
+    )
+
+
+def with_cls_attention(model, run_tower):
+    """Runs `run_tower()` (a forward of the model's CLIP vision tower) and captures its feature layer's queries and
+    keys: (run_tower's output, the CLS query's attention [B, heads, L] over all L positions, CLS first, recomputed as
+    softmax(q·kᵀ/√d_h), eager attention's row, so that the tower keeps a fused kernel; the keys [B, L, C])."""
     tower = model.model.vision_tower
     # transformers 5 may hand the CLIP transformer directly, older versions wrap it in `vision_model`.
     encoder = getattr(tower, "vision_model", tower).encoder
@@ -116,24 +134,15 @@ def encode(model: LlavaForConditionalGeneration, pixel_values: torch.Tensor) -> 
         layer.k_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("k", out)),
     ]
     try:
-        output = model.model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype))
+        output = run_tower()
     finally:
         for hook in hooks:
             hook.remove()
-    projected = torch.stack(list(output.pooler_output))
-    features = output.hidden_states[model.config.vision_feature_layer]
-    strip_cls = model.config.vision_feature_select_strategy == "default"
     batch, length, width = captured["k"].shape
     heads = layer.num_heads
     q = captured["q"][:, 0].float().view(batch, heads, 1, width // heads)
     k = captured["k"].float().view(batch, length, heads, width // heads).transpose(1, 2)
-    attention = (q @ k.transpose(-1, -2) * layer.scale).softmax(dim=-1)[:, :, 0]  # [B, heads, length]
-    return Encoded(
-        projected=projected,
-        features=features[:, 1:] if strip_cls else features,
-        cls_attention=attention[:, :, 1:] if strip_cls else attention,
-        keys=captured["k"][:, 1:] if strip_cls else captured["k"],
-    )
+    return output, (q @ k.transpose(-1, -2) * layer.scale).softmax(dim=-1)[:, :, 0], captured["k"]
 
 
 def vision_tower(model: LlavaForConditionalGeneration) -> torch.nn.Module:

@@ -54,7 +54,17 @@ from transformers.models.llava_next.modeling_llava_next import (
 )
 
 from vtc.models import EncodedView, ReducedImage, inllm, llava
-from vtc.models.llava import Generation, generated_lengths, pretrained, source_positions
+from vtc.models.llava import (  # the parts LLaVA-NeXT shares with LLaVA-1.5
+    Generation,
+    attention_implementation,
+    decode,
+    generated_lengths,
+    pretrained,
+    processor_from_config,
+    source_positions,
+    vision_tower,
+    with_cls_attention,
+)
 
 # The LLM gets the CLS-free feature layer behind a projector (no patch merger): every method that selects or merges
 # tokens applies; in-LLM methods run through `vtc.models.inllm` unchanged (the decoder is Llama, under
@@ -98,24 +108,10 @@ def load_model(
     return model, processor
 
 
-def processor_from_config(model_cfg: dict):
-    """The processor of a `models.<name>` entry, without the weights (the encode cache's key)."""
-    return AutoProcessor.from_pretrained(model_cfg["path"], revision=model_cfg.get("revision"))
-
-
 def load_from_config(model_cfg: dict):
     """`load_model` with a `models.<name>` entry of config.yaml: its keys in `CONFIG_KEYS` (`family` is the
     caller's)."""
     return load_model(**{key: model_cfg[key] for key in CONFIG_KEYS if key in model_cfg})
-
-
-def vision_tower(model: LlavaNextForConditionalGeneration) -> torch.nn.Module:
-    return model.model.vision_tower
-
-
-def attention_implementation(model: LlavaNextForConditionalGeneration) -> str:
-    """The language model's attention kernel (eager, sdpa, flash_attention_2); the vision tower may use another."""
-    return model.config.text_config._attn_implementation
 
 
 def user_turn(processor, text: str) -> str:
@@ -127,10 +123,6 @@ def user_turn(processor, text: str) -> str:
     (`api/task.py::_build_user_turn`) through `processor.apply_chat_template`. Its simple class (`--force_simple`)
     would use the tokenizer's template or a Vicuna fallback with a system prompt instead."""
     return llava.user_turn(processor, text)
-
-
-def decode(processor, ids: torch.Tensor) -> list[str]:
-    return llava.decode(processor, ids)
 
 
 def encode_key_extras(model_cfg: dict, processor, model_config) -> dict:
@@ -155,13 +147,6 @@ def stitch(crops: torch.Tensor, grid_shape: tuple[int, int], image_size) -> torc
     return unpad_image(full, image_size).permute(1, 2, 0)
 
 
-def feature_layer_index(model: LlavaNextForConditionalGeneration) -> int:
-    """Index of the encoder layer whose output is the feature layer (hidden_states[h] is layer h − 1's output)."""
-    layer = model.config.vision_feature_layer
-    num_layers = model.config.vision_config.num_hidden_layers
-    return (num_layers + 1 + layer if layer < 0 else layer) - 1
-
-
 @torch.no_grad()
 def encode_images(model: LlavaNextForConditionalGeneration, processor, images: list, model_cfg: dict | None = None):
     """Per image its two views (`EncodedView`): the base view (g × g) and the unpadded high-resolution view (H × W),
@@ -183,27 +168,13 @@ def encode_images(model: LlavaNextForConditionalGeneration, processor, images: l
     # the processor pads every image's stack to the batch's most crops; the model drops that padding the same way
     pixel_values = torch.cat([stack[:count] for stack, count in zip(inputs["pixel_values"], counts)])
 
-    tower = vision_tower(model)
-    encoder = getattr(tower, "vision_model", tower).encoder
-    layer = encoder.layers[feature_layer_index(model)].self_attn
-    captured: dict[str, torch.Tensor] = {}
-    hooks = [
-        layer.q_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("q", out)),
-        layer.k_proj.register_forward_hook(lambda m, i, out: captured.__setitem__("k", out)),
-    ]
-    try:
-        output = tower(pixel_values.to(model.device, model.dtype), output_hidden_states=True)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    output, attention, keys = with_cls_attention(
+        model, lambda: vision_tower(model)(pixel_values.to(model.device, model.dtype), output_hidden_states=True)
+    )
     features = output.hidden_states[config.vision_feature_layer][:, 1:]  # [P, g², C], CLS dropped ("default")
     projected = model.model.multi_modal_projector(features)
-    batch, length, width = captured["k"].shape
-    heads = layer.num_heads
-    q = captured["q"][:, 0].float().view(batch, heads, 1, width // heads)
-    k = captured["k"].float().view(batch, length, heads, width // heads).transpose(1, 2)
-    attention = (q @ k.transpose(-1, -2) * layer.scale).softmax(dim=-1)[:, :, 0, 1:]  # [P, heads, g²]
-    keys = captured["k"][:, 1:]
+    heads = attention.shape[1]
+    attention, keys = attention[:, :, 1:], keys[:, 1:]  # [P, heads, g²], [P, g², C]
     side = tile // config.vision_config.patch_size
 
     encoded, start = [], 0

@@ -82,8 +82,7 @@ from transformers.utils import cached_file
 from transformers.vision_utils import get_vision_window_index
 
 from vtc.models import EncodedView, ReducedImage, inllm
-from vtc.models import llava
-from vtc.models.llava import DTYPES, Generation, generated_lengths, pretrained
+from vtc.models.llava import DTYPES, Generation, attention_implementation, decode, generated_lengths, pretrained
 
 # positions: a method that reduces before the LLM keeps each token's own (t, row, col) by default, so that `full` is the
 # model as it is and a kept token stays where the image had it (what Qwen ports of pruning methods do).
@@ -471,16 +470,6 @@ def generate_pruned(
     text_tokens = [int(n) - k for n, k in zip(attention_mask.sum(dim=1), counts)]
     new_tokens = generated_lengths(output.ids, config.eos_token_id)
     return Generation(output.ids, text_tokens, new_tokens, pruned_sources=output.sources, plan=plan)
-
-
-def decode(processor, ids: torch.Tensor) -> list[str]:
-    """Answer strings of generated ids [B, T], special tokens (<|im_end|>, padding) dropped."""
-    return llava.decode(processor, ids)
-
-
-def attention_implementation(model) -> str:
-    """The language model's attention kernel (eager, sdpa, flash_attention_2); the vision tower may use another."""
-    return model.config.text_config._attn_implementation
 
 
 def vision_tower(model) -> torch.nn.Module:

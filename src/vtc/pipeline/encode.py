@@ -121,10 +121,15 @@ def encode_dataset(dataset: Path, model_cfg: dict, out: Path, batch_size: int, s
         vision_tower_calls=tower_calls,
         # one grid for every view (LLaVA-1.5): its (h, w); else None, and each view has its own (`views`)
         grid=list(grids.pop()) if len(grids) == 1 else None,
-        tokens_per_image={"mean": sum(counts) / max(len(counts), 1), "min": min(counts, default=0),
-                          "max": max(counts, default=0)},  # fmt: skip
+        tokens_per_image=token_counts(counts)["tokens_per_image"],
         seconds=time.perf_counter() - started,
     )
+
+
+def token_counts(counts: list[int]) -> dict:
+    """A store manifest's token counts: the distinct counts of its images (or questions), and their mean, min, max."""
+    spread = {"mean": sum(counts) / max(len(counts), 1), "min": min(counts, default=0), "max": max(counts, default=0)}
+    return {"num_tokens": sorted(set(counts)), "tokens_per_image": spread}
 
 
 def pack_views(encoded: list[list[EncodedView]]) -> dict[str, torch.Tensor]:

@@ -36,7 +36,7 @@ from vtc.methods import (
     split_positions,
 )
 from vtc.models import EncodedView, ReducedImage, family
-from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images, shard_views
+from vtc.pipeline.encode import dataset_images, encode_key, image_seed, model_images, shard_views, token_counts
 
 
 def image_budget(budget: int | float, num_tokens: int) -> int:
@@ -181,11 +181,6 @@ def read_reduced(store: Store):
         yield ids, unpack_reduced(tensors, len(ids))
 
 
-def token_counts(counts: list[int]) -> dict:
-    """mean, min, max of the visual tokens per image (or per question) of a store."""
-    return {"mean": sum(counts) / max(len(counts), 1), "min": min(counts, default=0), "max": max(counts, default=0)}
-
-
 def reduce_dataset(
     encoded: Path,
     expected_key: dict | None,
@@ -224,8 +219,7 @@ def reduce_dataset(
         writer.add(image_ids, pack_reduced(reduced, tensors["projected"].dtype))
     return writer.close(
         num_images=len(store.image_ids),
-        num_tokens=sorted(set(counts)),
-        tokens_per_image=token_counts(counts),
+        **token_counts(counts),
         reduce_seconds=seconds,
     )
 
@@ -291,8 +285,7 @@ def reduce_questions(
     return writer.close(
         num_images=len(store.image_ids),
         num_questions=len(rows),
-        num_tokens=sorted(set(counts)),
-        tokens_per_image=token_counts(counts),
+        **token_counts(counts),
         reduce_seconds=seconds,
     )
 
@@ -356,8 +349,7 @@ def reduce_in_encoder(
         writer.add(shard_ids, pack_reduced(reduced, reduced[0].tokens.dtype))
     return writer.close(
         num_images=len(image_ids),
-        num_tokens=sorted(set(counts)),
-        tokens_per_image=token_counts(counts),
+        **token_counts(counts),
         reduce_seconds=seconds,
         vision_tower_images=len(image_ids),
     )
